@@ -1,0 +1,18 @@
+# Recipes mirror `cargo xtask`; `just` itself is optional (cargo install just).
+
+# Install the Debian packages the build and the tests need.
+deps:
+    cargo xtask deps
+
+# The whole test suite, strict (what .ci/run runs).
+test *ARGS:
+    cargo xtask test {{ARGS}}
+
+# Every benchmark, each with its in-run baseline ratio.
+bench:
+    cargo xtask bench
+
+# Formatting and lints, as required before every commit.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings

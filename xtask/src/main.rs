@@ -1,0 +1,128 @@
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! * `deps`: install the Debian packages the build and the tests need (idempotent).
+//! * `test`: `deps`, then the whole test suite in strict mode: tests that need root, etcd or
+//!   clang fail instead of skipping. This is the command `.ci/run` runs.
+//! * `bench`: every benchmark of the workspace; each prints a ratio against a baseline
+//!   measured in the same run.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Debian packages needed by the build (protoc for etcd-client and tonic, clang for the eBPF
+/// programs) and by the tests (etcd, iproute2, iperf3, tcpdump, bpftool).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    "clang",
+    "llvm",
+    "libbpf-dev",
+    "bpftool",
+    "iproute2",
+    "iperf3",
+    "tcpdump",
+    "openssl",
+];
+
+#[derive(Debug, Parser)]
+#[command(about = "Project automation for the mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install the Debian packages the build and the tests need.
+    Deps,
+    /// Install dependencies, then run the whole test suite (strict: nothing is skipped).
+    Test {
+        /// Extra arguments passed to `cargo test` after `--`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run every benchmark (each prints its ratio against an in-run baseline).
+    Bench,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Deps => deps(),
+        Cmd::Test { args } => {
+            deps()?;
+            test(&args)
+        }
+        Cmd::Bench => {
+            deps()?;
+            run(Command::new(cargo()).args(["bench", "--workspace"]))
+        }
+    }
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+/// Installs the missing Debian packages; does nothing when all are present.
+fn deps() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {}: run `cargo xtask deps` as root (apt-get install)",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Status}", pkg])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|out| out.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
+}
+
+/// Builds everything once, then runs every test of the workspace in strict mode.
+fn test(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the test suite needs root (network namespaces, eBPF): run it as root");
+    }
+    run(Command::new(cargo()).args(["build", "--workspace", "--all-targets"]))?;
+    run(Command::new(cargo())
+        .args(["test", "--workspace", "--no-fail-fast", "--"])
+        .args(args)
+        .env("MESH_TEST_STRICT", "1"))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
