@@ -1,1 +1,466 @@
-//! TODO
+//! The mesh's data plane: eBPF programs in C (`bpf/datapath.c`), compiled by
+//! clang from `build.rs`, embedded in this crate, and loaded, attached and fed
+//! with aya.
+//!
+//! # Programs
+//!
+//! All are `tc` (sched_cls, direct action) programs attached at *ingress*
+//! through TCX links:
+//!
+//! | program | attached to | does |
+//! |---|---|---|
+//! | `from_pod` | host side of every pod veth | parse Ethernet + IPv4/IPv6; drop if the source IP is not this veth's pod; destination a local pod → rewrite MACs, decrement TTL, `bpf_redirect_peer` into the pod; ipcache says remote node with a tunnel endpoint → tunnel key (remote = node IP, VNI = source identity) and `bpf_redirect` to the VXLAN device; ipcache flag `ENCRYPT`, no tunnel endpoint (native routing) or unknown (world) → `TC_ACT_OK`, the node's routing table decides |
+//! | `from_overlay` | the VXLAN device (external mode) | read the tunnel key, source identity = VNI, deliver to the local pod by destination IP with `bpf_redirect_peer`; unknown pod → drop (`UnknownEndpoint`) |
+//! | `from_netdev` | an Ethernet device where natively routed pod traffic arrives | destination a local pod → rewrite MACs, deliver to it; else `TC_ACT_OK` |
+//! | `from_l3dev` | an L3 device (WireGuard / TUN) where decrypted traffic arrives | like `from_netdev`, after prepending the Ethernet header a veth needs |
+//! | `test_from_overlay` | never attached | `from_overlay`'s delivery code with the VNI and remote taken from `skb->cb[0..2]`, because `BPF_PROG_TEST_RUN` cannot attach tunnel metadata to a test packet |
+//!
+//! The places where service translation (before the destination lookup in
+//! `from_pod`) and policy (egress in `from_pod`, ingress before every
+//! delivery to a pod) slot in are marked `slot:` in the C source; their maps
+//! exist and are pinned already.
+//!
+//! # Maps
+//!
+//! Pinned by name under the bpffs directory given to
+//! [`Datapath::load_or_adopt`]; a restarted loader adopts them and never
+//! flushes them. Layouts are in `bpf/datapath.h` and [`abi`].
+//!
+//! | map | type | key → value | Rust |
+//! |---|---|---|---|
+//! | `ipcache` | LPM trie | family + IPv4/IPv6 prefix → identity, tunnel endpoint, flags | [`Ipcache`] |
+//! | `endpoints` | hash | local pod IP → veth ifindex, pod MAC, gateway MAC, endpoint id, identity | [`Endpoints`] |
+//! | `services` | hash | (frontend IP, port, proto) → backend count, Maglev id, flags | [`abi::ServiceKey`] / [`abi::ServiceValue`] |
+//! | `backends` | hash | backend id → IP, port, proto, cluster id, state | [`abi::BackendValue`] |
+//! | `policy` | hash | (endpoint, identity, port, proto, direction) → verdict, counters | [`abi::PolicyKey`] / [`abi::PolicyValue`] |
+//! | `dp_config` | array[1] | VXLAN ifindex, trace flag | [`Datapath::set_trace`], [`Datapath::attach_from_overlay`] |
+//! | `events` | ring buffer | drop and trace [`Event`]s | [`Datapath::events`] |
+//!
+//! Byte order: addresses in keys are network order (IPv4 in the first four
+//! bytes, the rest zero); `tunnel_endpoint` is host order because that is what
+//! `bpf_tunnel_key.remote_ipv4` takes; ports are network order.
+//!
+//! # Packet paths
+//!
+//! * Pod → pod, same node: pod `eth0` → veth → `from_pod` on the host side →
+//!   `bpf_redirect_peer` → the other pod's `eth0` ingress. No routing, no
+//!   neighbour lookup in the node namespace.
+//! * Pod → pod, across nodes (tunnel): `from_pod` sets the tunnel key and
+//!   redirects to the VXLAN device, which encapsulates to the remote node
+//!   (UDP 4789); there `from_overlay` on the VXLAN device's ingress delivers to
+//!   the pod. The inner destination MAC does not matter, because the program
+//!   runs before the stack would discard a frame not addressed to the device.
+//! * Encrypted or natively routed: `from_pod` returns `TC_ACT_OK`, the node's
+//!   routes (set by the agent) send it to the WireGuard device or the underlay;
+//!   on the receiving node `from_l3dev` / `from_netdev` delivers it to the pod.
+//!
+//! # What the host must look like
+//!
+//! This crate configures no device, route or sysctl; the node agent (or the
+//! lab, or a test) does, and the programs expect exactly this:
+//!
+//! * **Pods.** A veth pair per pod, host side in the node namespace (any
+//!   name), `eth0` in the pod. Pod addresses are host routes: IPv4 `/32`,
+//!   IPv6 `/128` (`nodad`). The pod's gateway is link-local and the same for
+//!   every pod: `169.254.1.1` and `fe80::1`. Routes in the pod:
+//!   `169.254.1.1 dev eth0 scope link`, `default via 169.254.1.1 dev eth0`,
+//!   `default via fe80::1 dev eth0`.
+//! * **Neighbours: static entries, no ARP/ND from BPF.** At pod setup add
+//!   permanent neighbour entries in the pod for both gateways with the MAC of
+//!   the host side of the veth (`ip neigh add 169.254.1.1 lladdr HOSTMAC dev eth0
+//!   nud permanent`, same for `fe80::1`). The pod then never resolves its
+//!   gateway; `from_pod` passes ARP and link-scoped IPv6 (ND) to the stack
+//!   untouched, and writes the pod's own MAC as destination when delivering,
+//!   so the node namespace needs no neighbour entries for pods. Register the
+//!   pod with [`Endpoints::insert`] (both MACs, host-side ifindex) *before*
+//!   attaching `from_pod` to its veth.
+//! * **MTU.** `bpf_redirect` skips the MTU check, so the pod's `eth0` (and the
+//!   host side) must already fit the tunnel: 1450 with VXLAN over a 1500
+//!   underlay, 1420 with WireGuard.
+//! * **VXLAN.** One device per node in external (collect-metadata) mode:
+//!   `ip link add NAME type vxlan external dstport 4789`, up, default MTU
+//!   (1450 over 1500). Its name is the agent's choice; [`Datapath::attach_from_overlay`]
+//!   records its ifindex for `from_pod`. The tunnel endpoint in the ipcache
+//!   is the remote node's IPv4 underlay address.
+//! * **Sysctls (node namespace).** None for the tunnel and same-node paths
+//!   (packets are redirected, never routed by the node). For native routing
+//!   and WireGuard the node routes pod traffic: `net.ipv4.ip_forward=1`,
+//!   `net.ipv6.conf.all.forwarding=1`, and `rp_filter=0` on the receiving device.
+//!
+//! # Restarts
+//!
+//! Maps are pinned under the caller's bpffs directory and links (TCX) under
+//! its `links/` subdirectory, named `PROGRAM:IFINDEX:IFNAME`. A restarted
+//! loader adopts the maps, and attaching again replaces the program inside the
+//! pinned link atomically (`BPF_LINK_UPDATE`), so traffic never sees a moment
+//! without a program. Pins of a device that was deleted and recreated (new
+//! ifindex) are replaced.
+//!
+//! # Adding a map
+//!
+//! 1. Define the key and value structs in `bpf/datapath.h` with explicit
+//!    padding, and the map in `bpf/datapath.c` with
+//!    `__uint(pinning, LIBBPF_PIN_BY_NAME)`.
+//! 2. Mirror the structs in [`abi`] (`#[repr(C)]`, same field order, add them to
+//!    the `pod!` list) and add them to the checks in `tests/layout.rs`.
+//! 3. Add the name and sizes to `PINNED_MAPS` in this file, so an adopted pin
+//!    with another layout is refused instead of misread.
+//! 4. Write a typed handle in [`maps`] that opens the pin (see [`Endpoints`]).
+//! 5. A changed layout of an existing map is a format change: bump
+//!    `DATAPATH_ABI_VERSION` and migrate or rename the map.
+
+pub mod abi;
+mod attach;
+pub mod events;
+pub mod maps;
+pub mod netns;
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::{Array, Map, MapData, MapInfo},
+    programs::{ProgramError, SchedClassifier},
+    Ebpf, EbpfLoader,
+};
+
+pub use attach::{AttachOutcome, Error as AttachError, HostDevice};
+pub use events::{DropReason, Event, EventKind, EventStream, TracePoint};
+pub use maps::{Endpoint, Endpoints, Ipcache, IpcacheEntry, IpcacheFlags};
+
+use abi::{DatapathConfig, CONFIG_F_TRACE};
+
+/// The compiled `bpf/datapath.c`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.o"));
+
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Pinned maps with their key and value sizes, checked when a pin is adopted.
+const PINNED_MAPS: &[(&str, usize, usize)] = &[
+    (
+        "ipcache",
+        size_of::<abi::IpcacheKey>(),
+        size_of::<abi::IpcacheValue>(),
+    ),
+    (
+        "endpoints",
+        size_of::<abi::EndpointKey>(),
+        size_of::<abi::EndpointInfo>(),
+    ),
+    (
+        "services",
+        size_of::<abi::ServiceKey>(),
+        size_of::<abi::ServiceValue>(),
+    ),
+    ("backends", size_of::<u32>(), size_of::<abi::BackendValue>()),
+    (
+        "policy",
+        size_of::<abi::PolicyKey>(),
+        size_of::<abi::PolicyValue>(),
+    ),
+    ("dp_config", size_of::<u32>(), size_of::<DatapathConfig>()),
+];
+
+/// The programs in the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Program {
+    /// Host side of a pod's veth.
+    FromPod,
+    /// The VXLAN device.
+    FromOverlay,
+    /// An Ethernet device receiving natively routed pod traffic.
+    FromNetdev,
+    /// An L3 device (WireGuard / TUN) receiving pod traffic.
+    FromL3dev,
+    /// `from_overlay` for `BPF_PROG_TEST_RUN` (identity and remote in `cb`).
+    TestFromOverlay,
+}
+
+impl Program {
+    /// Every program.
+    pub const ALL: [Program; 5] = [
+        Self::FromPod,
+        Self::FromOverlay,
+        Self::FromNetdev,
+        Self::FromL3dev,
+        Self::TestFromOverlay,
+    ];
+
+    /// The function name in the C source (also the kernel's program name).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::FromPod => "from_pod",
+            Self::FromOverlay => "from_overlay",
+            Self::FromNetdev => "from_netdev",
+            Self::FromL3dev => "from_l3dev",
+            Self::TestFromOverlay => "test_from_overlay",
+        }
+    }
+}
+
+/// Errors of loading and configuring the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The directory could not be created or inspected.
+    #[error("cannot prepare bpffs directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mounting bpffs failed (needs CAP_SYS_ADMIN).
+    #[error("cannot mount bpffs at {path}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    /// aya could not load the object or create/adopt its maps.
+    #[error("cannot load the datapath object with maps pinned under {path}")]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    /// A pinned map exists with another layout than this build's.
+    #[error(
+        "pinned map {path} has key/value sizes {found_key}/{found_value}, this build expects \
+         {want_key}/{want_value}; remove the pin to recreate it (this drops its entries)"
+    )]
+    IncompatibleMap {
+        path: PathBuf,
+        want_key: usize,
+        want_value: usize,
+        found_key: u32,
+        found_value: u32,
+    },
+    /// Reading the info of a pinned map failed.
+    #[error("cannot inspect pinned map {path}")]
+    MapInfo {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    /// The kernel refused a program (verifier log in the source).
+    #[error("cannot load program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// A map the object must contain is missing or has the wrong type.
+    #[error("map {name} is missing from the object or has the wrong type")]
+    MissingMap { name: &'static str },
+    /// Writing the config map failed.
+    #[error("cannot write the datapath config")]
+    Config(#[source] Box<aya::maps::MapError>),
+    /// A typed map could not be opened.
+    #[error(transparent)]
+    Map(#[from] maps::Error),
+    /// The event stream could not be opened.
+    #[error(transparent)]
+    Events(#[from] events::Error),
+}
+
+/// The loaded programs and the pinned maps of one node.
+#[derive(Debug)]
+pub struct Datapath {
+    ebpf: Ebpf,
+    dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the embedded object with its maps pinned under `bpffs_dir`.
+    ///
+    /// Mounts bpffs at `bpffs_dir` (in the caller's mount namespace) unless it
+    /// already is one. Maps already pinned there are adopted as they are:
+    /// their contents are never flushed, so a restarted agent keeps
+    /// forwarding with the state its predecessor wrote. The attachable
+    /// programs are loaded into the kernel; attach them with the `attach_*`
+    /// methods.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Dir`] / [`Error::Mount`] for the directory, [`Error::IncompatibleMap`]
+    /// when an adopted pin has another layout, [`Error::Load`] / [`Error::Program`]
+    /// when the kernel refuses the object (e.g. no CAP_BPF).
+    pub fn load_or_adopt(bpffs_dir: &Path) -> Result<Self, Error> {
+        ensure_bpffs(bpffs_dir)?;
+        check_pinned_maps(bpffs_dir)?;
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpffs_dir)
+            .load(OBJECT)
+            .map_err(|source| Error::Load {
+                path: bpffs_dir.to_owned(),
+                source: Box::new(source),
+            })?;
+        let mut dp = Self {
+            ebpf,
+            dir: bpffs_dir.to_owned(),
+        };
+        for program in [
+            Program::FromPod,
+            Program::FromOverlay,
+            Program::FromNetdev,
+            Program::FromL3dev,
+        ] {
+            dp.program(program)?;
+        }
+        tracing::debug!(dir = %bpffs_dir.display(), "datapath loaded");
+        Ok(dp)
+    }
+
+    /// The bpffs directory holding the pins.
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A program, loaded into the kernel on first use (for attaching, or for
+    /// `aya::programs::TestRun::test_run` in tests and benchmarks).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Program`] when the verifier refuses it.
+    pub fn program(&mut self, program: Program) -> Result<&mut SchedClassifier, Error> {
+        let name = program.name();
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(Error::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+
+    /// The ipcache map.
+    ///
+    /// # Errors
+    ///
+    /// [`maps::Error::Open`] when the pin cannot be opened.
+    pub fn ipcache(&self) -> Result<Ipcache, Error> {
+        Ok(Ipcache::open(&self.dir)?)
+    }
+
+    /// The local endpoints map.
+    ///
+    /// # Errors
+    ///
+    /// [`maps::Error::Open`] when the pin cannot be opened.
+    pub fn endpoints(&self) -> Result<Endpoints, Error> {
+        Ok(Endpoints::open(&self.dir)?)
+    }
+
+    /// An async stream of drop and trace events. Call inside a tokio runtime;
+    /// keep one reader per node (the ring buffer's consumer is shared).
+    ///
+    /// # Errors
+    ///
+    /// [`events::Error`] when the ring buffer cannot be opened or registered.
+    pub fn events(&self) -> Result<EventStream, Error> {
+        Ok(EventStream::open(&self.dir)?)
+    }
+
+    /// Turns trace events (one per forwarded packet) on or off. Costly: for
+    /// debugging and tests.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the config map cannot be written.
+    pub fn set_trace(&mut self, on: bool) -> Result<(), Error> {
+        self.update_config(|c| {
+            if on {
+                c.flags |= CONFIG_F_TRACE;
+            } else {
+                c.flags &= !CONFIG_F_TRACE;
+            }
+        })
+    }
+
+    /// The current contents of the config map.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when it cannot be read.
+    pub fn config(&self) -> Result<DatapathConfig, Error> {
+        let map: Array<&MapData, DatapathConfig> = self
+            .ebpf
+            .map("dp_config")
+            .ok_or(Error::MissingMap { name: "dp_config" })?
+            .try_into()
+            .map_err(|_| Error::MissingMap { name: "dp_config" })?;
+        map.get(&0, 0).map_err(|e| Error::Config(Box::new(e)))
+    }
+
+    fn update_config(&mut self, f: impl FnOnce(&mut DatapathConfig)) -> Result<(), Error> {
+        let mut config = self.config()?;
+        f(&mut config);
+        let map: &mut Map = self
+            .ebpf
+            .map_mut("dp_config")
+            .ok_or(Error::MissingMap { name: "dp_config" })?;
+        let mut map: Array<&mut MapData, DatapathConfig> = map
+            .try_into()
+            .map_err(|_| Error::MissingMap { name: "dp_config" })?;
+        map.set(0, config, 0)
+            .map_err(|e| Error::Config(Box::new(e)))
+    }
+}
+
+/// Mounts bpffs at `dir` unless it already is a bpffs.
+fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Dir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let fs = nix::sys::statfs::statfs(dir).map_err(|e| Error::Dir {
+        path: dir.to_owned(),
+        source: std::io::Error::from(e),
+    })?;
+    if fs.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpffs"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| Error::Mount {
+        path: dir.to_owned(),
+        source,
+    })?;
+    tracing::info!(dir = %dir.display(), "mounted bpffs");
+    Ok(())
+}
+
+/// Refuses to adopt a pinned map whose layout differs from this build's.
+fn check_pinned_maps(dir: &Path) -> Result<(), Error> {
+    for &(name, want_key, want_value) in PINNED_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| Error::MapInfo {
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        if info.key_size() as usize != want_key || info.value_size() as usize != want_value {
+            return Err(Error::IncompatibleMap {
+                path,
+                want_key,
+                want_value,
+                found_key: info.key_size(),
+                found_value: info.value_size(),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The ABI between the eBPF programs and the Rust loader: every map key and
+ * value, every constant both sides use. Each struct here has a #[repr(C)] twin
+ * in datapath/src/abi.rs; tests/layout.rs compiles this header with the host
+ * compiler and checks that sizes and field offsets agree. Padding is explicit
+ * so that both compilers see the same bytes and so that hash keys never
+ * contain uninitialised memory.
+ *
+ * Changing a struct changes the layout of a pinned map: a restarted agent
+ * would adopt a map whose entries it misreads. Add fields only at the end of a
+ * value, bump DATAPATH_ABI_VERSION, and teach the loader to migrate.
+ */
+#ifndef MESH_DATAPATH_H
+#define MESH_DATAPATH_H
+
+#include <linux/types.h>
+
+#define DATAPATH_ABI_VERSION 1
+
+/* Address families in keys and events (not AF_*: these are stable on disk). */
+#define FAMILY_IPV4 4
+#define FAMILY_IPV6 6
+
+/* ipcache: LPM trie. prefixlen counts the 32 bits of family+pad first, so a
+ * /24 IPv4 prefix has prefixlen 32 + 24. addr holds the address in network
+ * byte order, IPv4 in the first 4 bytes. */
+struct ipcache_key {
+	__u32 prefixlen;
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+#define IPCACHE_F_REMOTE_CLUSTER (1U << 0) /* identity belongs to another cluster */
+#define IPCACHE_F_ENCRYPT (1U << 1)        /* hand to the kernel (WireGuard route) */
+
+struct ipcache_value {
+	__u32 identity;
+	/* IPv4 address of the node hosting the prefix, host byte order (as
+	 * bpf_tunnel_key.remote_ipv4 wants it); 0 = no tunnel (native routing or
+	 * world). */
+	__u32 tunnel_endpoint;
+	__u32 flags;
+	__u32 pad;
+};
+
+/* endpoints: hash, exact pod IP -> local pod. */
+struct endpoint_key {
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+struct endpoint_info {
+	__u32 ifindex;     /* host side of the pod's veth, in the node namespace */
+	__u32 identity;    /* the pod's security identity */
+	__u32 endpoint_id; /* agent-local endpoint id (policy key) */
+	__u32 flags;       /* reserved, 0 */
+	__u8 pod_mac[6];   /* MAC of eth0 inside the pod */
+	__u8 host_mac[6];  /* MAC of the host side of the veth (the pod's gateway) */
+	__u8 pad[4];
+};
+
+/* services: hash, frontend -> service. Lookup lands with the services issue. */
+struct service_key {
+	__u8 addr[16];
+	__u16 port; /* network byte order */
+	__u8 proto; /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 family;
+};
+
+#define SERVICE_F_AFFINITY_LOCAL (1U << 0)
+#define SERVICE_F_AFFINITY_REMOTE (1U << 1)
+#define SERVICE_F_SHARED (1U << 2)
+
+struct service_value {
+	__u32 backend_count;
+	__u32 maglev_id; /* index of the service's Maglev table */
+	__u32 flags;     /* SERVICE_F_* */
+	__u32 rev_nat_id;
+};
+
+/* backends: hash, backend id (__u32) -> backend. */
+#define BACKEND_STATE_ACTIVE 0
+#define BACKEND_STATE_TERMINATING 1
+#define BACKEND_STATE_QUARANTINED 2
+
+struct backend_value {
+	__u8 addr[16];
+	__u16 port; /* network byte order */
+	__u8 proto;
+	__u8 family;
+	__u16 cluster_id;
+	__u8 state; /* BACKEND_STATE_* */
+	__u8 pad;
+};
+
+/* policy: hash. Lookup lands with the policy issue. */
+#define POLICY_INGRESS 0
+#define POLICY_EGRESS 1
+
+struct policy_key {
+	__u32 endpoint_id;
+	__u32 identity; /* peer identity, 0 = any */
+	__u16 dport;    /* network byte order, 0 = any */
+	__u8 proto;     /* 0 = any */
+	__u8 direction; /* POLICY_INGRESS / POLICY_EGRESS */
+};
+
+#define POLICY_ALLOW 1
+#define POLICY_DENY 2
+
+struct policy_value {
+	__u8 verdict; /* POLICY_ALLOW / POLICY_DENY */
+	__u8 pad[7];
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* config: array with one entry, written by the loader. */
+#define CONFIG_F_TRACE (1U << 0) /* emit a trace event for every forwarded packet */
+
+struct datapath_config {
+	__u32 flags;
+	__u32 vxlan_ifindex; /* VXLAN device (external mode) in the node namespace */
+};
+
+/* events: ring buffer of struct event. */
+#define EVENT_DROP 1
+#define EVENT_TRACE 2
+
+/* Drop reasons (EVENT_DROP). Stable: meshctl observe prints them. */
+#define DROP_INVALID_PACKET 1   /* truncated or malformed headers */
+#define DROP_UNKNOWN_SOURCE 2   /* from_pod: source IP is not this veth's pod */
+#define DROP_UNKNOWN_ENDPOINT 3 /* from_overlay: destination is no local pod */
+#define DROP_NO_TUNNEL_KEY 4    /* from_overlay: no tunnel metadata on the skb */
+#define DROP_TTL_EXCEEDED 5     /* TTL / hop limit would reach 0 */
+#define DROP_NO_OVERLAY 6       /* tunnel needed but no VXLAN device configured */
+#define DROP_HEADER_REWRITE 7   /* a helper failed to rewrite the packet */
+#define DROP_POLICY_DENIED 8    /* reserved for the policy issue */
+
+/* Trace observation points (EVENT_TRACE). */
+#define TRACE_TO_ENDPOINT 1 /* redirected to a local pod (target = its veth) */
+#define TRACE_TO_OVERLAY 2  /* tunnel key set, redirected to the VXLAN device */
+#define TRACE_TO_STACK 3    /* handed to the kernel's routing */
+
+struct event {
+	__u8 kind;   /* EVENT_DROP / EVENT_TRACE */
+	__u8 reason; /* DROP_* or TRACE_* */
+	__u8 family; /* FAMILY_IPV4 / FAMILY_IPV6, 0 if not IP */
+	__u8 proto;
+	__u32 ifindex;         /* device the packet arrived on */
+	__u32 target_ifindex;  /* redirect target, 0 if none */
+	__u32 identity;        /* source identity, 0 if unknown */
+	__u32 tunnel_endpoint; /* host byte order, 0 if none */
+	__u32 tunnel_id;       /* VNI set or read, 0 if none */
+	__u32 pkt_len;
+	__u16 sport; /* network byte order */
+	__u16 dport; /* network byte order */
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+#endif /* MESH_DATAPATH_H */
