@@ -1,0 +1,121 @@
+//! Kubernetes name syntax (RFC 1123 labels and subdomains), used for
+//! namespaces, service and node names and label-key prefixes.
+//!
+//! The validators return a static reason so that callers can wrap it into
+//! their own error with the context they know (which key, which field).
+
+/// Longest RFC 1123 label (namespace, service name, label name).
+pub const MAX_DNS_LABEL_LEN: usize = 63;
+/// Longest RFC 1123 subdomain (node name, label-key prefix).
+pub const MAX_DNS_SUBDOMAIN_LEN: usize = 253;
+
+/// Checks `s` against `^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`, at most 63 characters
+/// (Kubernetes namespaces and service names).
+///
+/// # Errors
+///
+/// A short description of the rule `s` breaks.
+pub fn validate_dns_label(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("must not be empty");
+    }
+    if s.len() > MAX_DNS_LABEL_LEN {
+        return Err("must be at most 63 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err("must consist of lowercase letters, digits and '-'");
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err("must start and end with a lowercase letter or digit");
+    }
+    Ok(())
+}
+
+/// Checks `s` is an RFC 1123 subdomain: dot-separated RFC 1123 labels, at
+/// most 253 characters (Kubernetes node names, label-key prefixes).
+///
+/// # Errors
+///
+/// A short description of the rule `s` breaks.
+pub fn validate_dns_subdomain(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("must not be empty");
+    }
+    if s.len() > MAX_DNS_SUBDOMAIN_LEN {
+        return Err("must be at most 253 characters");
+    }
+    for part in s.split('.') {
+        validate_dns_label(part).map_err(|_| {
+            "must be dot-separated parts of lowercase letters, digits and '-', each starting and ending with a letter or digit"
+        })?;
+    }
+    Ok(())
+}
+
+/// Checks `s` is a "qualified name" part of a Kubernetes label key or a label
+/// value: at most 63 characters of `[A-Za-z0-9._-]`, starting and ending
+/// alphanumeric. Empty strings are refused; callers allow empty label values.
+///
+/// # Errors
+///
+/// A short description of the rule `s` breaks.
+pub fn validate_qualified_name_part(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("must not be empty");
+    }
+    if s.len() > MAX_DNS_LABEL_LEN {
+        return Err("must be at most 63 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("must consist of letters, digits, '-', '_' and '.'");
+    }
+    let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    if !alnum(s.bytes().next()) || !alnum(s.bytes().last()) {
+        return Err("must start and end with a letter or digit");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        assert!(validate_dns_label("default").is_ok());
+        assert!(validate_dns_label("kube-system").is_ok());
+        assert!(validate_dns_label(&"a".repeat(63)).is_ok());
+        assert!(validate_dns_label(&"a".repeat(64)).is_err());
+        for bad in ["", "-a", "a-", "A", "a.b", "a/b"] {
+            assert!(validate_dns_label(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dns_subdomains() {
+        assert!(validate_dns_subdomain("node-1.example.com").is_ok());
+        for bad in ["", ".a", "a.", "a..b", "A.b", "a_b"] {
+            assert!(validate_dns_subdomain(bad).is_err(), "{bad}");
+        }
+        let long = vec!["a".repeat(63); 4].join(".");
+        assert_eq!(long.len(), 255);
+        assert!(validate_dns_subdomain(&long).is_err());
+    }
+
+    #[test]
+    fn qualified_name_parts() {
+        for ok in ["app", "App_1", "a.b-c", "9", "io.cilium.k8s.policy.cluster"] {
+            assert!(validate_qualified_name_part(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "a_", ".a", "a b", "a=b", "a;b", "a:b"] {
+            assert!(validate_qualified_name_part(bad).is_err(), "{bad}");
+        }
+        assert!(validate_qualified_name_part(&"a".repeat(64)).is_err());
+    }
+}
