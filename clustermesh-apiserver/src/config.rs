@@ -1,0 +1,442 @@
+//! Command-line flags and their validation.
+//!
+//! Flags are parsed by clap as plain strings and validated here in one pass, so
+//! that a bad invocation is answered with *every* invalid value at once (and the
+//! binary exits with 64, `EX_USAGE`), not one error per attempt. Every flag has an
+//! environment fallback `MESH_<FLAG>`; tests build a [`Config`] value directly and
+//! never touch the environment.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::validate;
+
+/// The flags of the `clustermesh-apiserver` binary, before validation.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "clustermesh-apiserver",
+    about = "Exports this cluster's nodes, endpoints, identities and services into its etcd"
+)]
+pub struct Args {
+    /// This cluster's name (at most 32 characters, lowercase alphanumerics and '-').
+    #[arg(long, env = "MESH_CLUSTER_NAME")]
+    pub cluster_name: String,
+    /// This cluster's ID, 1..=255 (1..=511 with --max-connected-clusters 511).
+    #[arg(long, env = "MESH_CLUSTER_ID")]
+    pub cluster_id: String,
+    /// 255 or 511: the size of the mesh, which decides the identity layout.
+    #[arg(long, env = "MESH_MAX_CONNECTED_CLUSTERS", default_value = "255")]
+    pub max_connected_clusters: String,
+    /// etcd client URLs, comma separated (e.g. http://127.0.0.1:2379).
+    #[arg(long, env = "MESH_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// A Cilium-style etcd config file (`endpoints:`, `trusted-ca-file:`,
+    /// `cert-file:`, `key-file:`); alternative to --etcd-endpoints.
+    #[arg(long, env = "MESH_ETCD_CONFIG")]
+    pub etcd_config: Option<PathBuf>,
+    /// Address of the gRPC registry API.
+    #[arg(long, env = "MESH_GRPC_LISTEN", default_value = "0.0.0.0:9870")]
+    pub grpc_listen: String,
+    /// Address of the HTTP /healthz, /readyz and /metrics endpoints; "" disables it.
+    #[arg(long, env = "MESH_HEALTH_LISTEN", default_value = "0.0.0.0:9871")]
+    pub health_listen: String,
+    /// Where nodes, endpoints and services come from: only `standalone` for now.
+    #[arg(long, env = "MESH_SOURCE", default_value = "standalone")]
+    pub source: String,
+    /// How long a node's registrations outlive its ended session (e.g. 30s, 2m).
+    #[arg(long, env = "MESH_SESSION_GRACE", default_value = "30s")]
+    pub session_grace: String,
+    /// How long an identity nobody uses is kept before it is released.
+    #[arg(long, env = "MESH_IDENTITY_GRACE", default_value = "5m")]
+    pub identity_grace: String,
+    /// How long shutdown waits for in-flight work and the final etcd writes.
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "10s")]
+    pub drain_timeout: String,
+}
+
+/// The local source of nodes, endpoints and services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Node agents register over gRPC; meshctl declares services.
+    Standalone,
+}
+
+/// TLS files for the etcd connection (paths as given in the etcd config file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub trusted_ca_file: PathBuf,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// How to reach this cluster's etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub tls: Option<EtcdTls>,
+}
+
+/// The validated configuration of one apiserver.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster_name: String,
+    pub cluster_id: u32,
+    pub max_connected_clusters: u32,
+    pub etcd: EtcdConfig,
+    pub grpc_listen: SocketAddr,
+    pub health_listen: Option<SocketAddr>,
+    pub source: Source,
+    pub session_grace: Duration,
+    pub identity_grace: Duration,
+    pub drain_timeout: Duration,
+    /// How often `cilium/.heartbeat` is rewritten (one minute, as Cilium does).
+    pub heartbeat_interval: Duration,
+}
+
+impl Config {
+    /// A configuration with the defaults of the binary, for tests and embedders.
+    pub fn new(cluster_name: &str, cluster_id: u32, etcd_endpoints: Vec<String>) -> Self {
+        Self {
+            cluster_name: cluster_name.to_owned(),
+            cluster_id,
+            max_connected_clusters: 255,
+            etcd: EtcdConfig {
+                endpoints: etcd_endpoints,
+                tls: None,
+            },
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            health_listen: None,
+            source: Source::Standalone,
+            session_grace: Duration::from_secs(30),
+            identity_grace: Duration::from_secs(300),
+            drain_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One invalid flag value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidFlag {
+    pub flag: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for InvalidFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "--{} {:?}: {}", self.flag, self.value, self.reason)
+    }
+}
+
+/// Every invalid value of one invocation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError(pub Vec<InvalidFlag>);
+
+impl ConfigError {
+    /// The exit code for a bad configuration (`EX_USAGE`).
+    pub const EXIT_CODE: i32 = 64;
+}
+
+/// The subset of Cilium's etcd config file that we read.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct EtcdConfigFile {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    trusted_ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Default)]
+struct Collector(Vec<InvalidFlag>);
+
+impl Collector {
+    fn push(&mut self, flag: &'static str, value: &str, reason: impl Into<String>) {
+        self.0.push(InvalidFlag {
+            flag,
+            value: value.to_owned(),
+            reason: reason.into(),
+        });
+    }
+
+    fn duration(&mut self, flag: &'static str, value: &str) -> Duration {
+        parse_duration(value).unwrap_or_else(|reason| {
+            self.push(flag, value, reason);
+            Duration::ZERO
+        })
+    }
+
+    fn addr(&mut self, flag: &'static str, value: &str) -> Option<SocketAddr> {
+        match value.parse() {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                self.push(flag, value, format!("not an IP:port address: {e}"));
+                None
+            }
+        }
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let mut bad = Collector::default();
+
+        if let Err(e) = validate::cluster_name(&args.cluster_name) {
+            bad.push("cluster-name", &args.cluster_name, e);
+        }
+        let max_connected_clusters = match args.max_connected_clusters.as_str() {
+            "255" => 255,
+            "511" => 511,
+            other => {
+                bad.push("max-connected-clusters", other, "must be 255 or 511");
+                255
+            }
+        };
+        let cluster_id = match args.cluster_id.parse::<u32>() {
+            Ok(id) if (1..=max_connected_clusters).contains(&id) => id,
+            Ok(_) => {
+                bad.push(
+                    "cluster-id",
+                    &args.cluster_id,
+                    format!("must be in 1..={max_connected_clusters}"),
+                );
+                0
+            }
+            Err(_) => {
+                bad.push("cluster-id", &args.cluster_id, "not a number");
+                0
+            }
+        };
+
+        let etcd = etcd_config(&args, &mut bad);
+        let grpc_listen = bad.addr("grpc-listen", &args.grpc_listen);
+        let health_listen = if args.health_listen.is_empty() {
+            None
+        } else {
+            bad.addr("health-listen", &args.health_listen)
+        };
+        let source = match args.source.as_str() {
+            "standalone" => Some(Source::Standalone),
+            other => {
+                bad.push("source", other, "only \"standalone\" is supported");
+                None
+            }
+        };
+        let session_grace = bad.duration("session-grace", &args.session_grace);
+        let identity_grace = bad.duration("identity-grace", &args.identity_grace);
+        let drain_timeout = bad.duration("drain-timeout", &args.drain_timeout);
+
+        match (grpc_listen, source) {
+            (Some(grpc_listen), Some(source)) if bad.0.is_empty() => Ok(Config {
+                cluster_name: args.cluster_name,
+                cluster_id,
+                max_connected_clusters,
+                etcd,
+                grpc_listen,
+                health_listen,
+                source,
+                session_grace,
+                identity_grace,
+                drain_timeout,
+                heartbeat_interval: Duration::from_secs(60),
+            }),
+            _ => Err(ConfigError(bad.0)),
+        }
+    }
+}
+
+fn etcd_config(args: &Args, bad: &mut Collector) -> EtcdConfig {
+    let mut config = EtcdConfig {
+        endpoints: Vec::new(),
+        tls: None,
+    };
+    match (&args.etcd_config, args.etcd_endpoints.is_empty()) {
+        (Some(path), true) => {
+            let shown = path.display().to_string();
+            match std::fs::read_to_string(path) {
+                Err(e) => bad.push("etcd-config", &shown, format!("cannot read: {e}")),
+                Ok(text) => match serde_yaml::from_str::<EtcdConfigFile>(&text) {
+                    Err(e) => bad.push("etcd-config", &shown, format!("not an etcd config: {e}")),
+                    Ok(file) => {
+                        if file.endpoints.is_empty() {
+                            bad.push("etcd-config", &shown, "lists no endpoints");
+                        }
+                        config.endpoints = file.endpoints;
+                        config.tls = match (file.trusted_ca_file, file.cert_file, file.key_file) {
+                            (None, None, None) => None,
+                            (Some(ca), cert, key) if cert.is_some() == key.is_some() => {
+                                Some(EtcdTls {
+                                    trusted_ca_file: ca,
+                                    cert_file: cert,
+                                    key_file: key,
+                                })
+                            }
+                            _ => {
+                                bad.push(
+                                    "etcd-config",
+                                    &shown,
+                                    "TLS needs trusted-ca-file, and cert-file and key-file together",
+                                );
+                                None
+                            }
+                        };
+                    }
+                },
+            }
+        }
+        (None, false) => config.endpoints = args.etcd_endpoints.clone(),
+        (None, true) => bad.push(
+            "etcd-endpoints",
+            "",
+            "one of --etcd-endpoints or --etcd-config is required",
+        ),
+        (Some(path), false) => bad.push(
+            "etcd-config",
+            &path.display().to_string(),
+            "give either --etcd-endpoints or --etcd-config, not both",
+        ),
+    }
+    for endpoint in &config.endpoints {
+        let ok = ["http://", "https://"]
+            .iter()
+            .find_map(|scheme| endpoint.strip_prefix(scheme))
+            .is_some_and(|rest| !rest.is_empty());
+        if !ok {
+            bad.push("etcd-endpoints", endpoint, "not an http:// or https:// URL");
+        }
+    }
+    config
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h` (one number, one unit).
+///
+/// # Errors
+///
+/// A reason when the text is not a number followed by one of the units.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| "missing unit (ms, s, m or h)".to_owned())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| "expected a number followed by ms, s, m or h".to_owned())?;
+    let millis = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    millis
+        .map(Duration::from_millis)
+        .ok_or_else(|| "too large".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["clustermesh-apiserver"];
+        argv.extend_from_slice(extra);
+        Config::try_from(Args::try_parse_from(argv).expect("clap parse"))
+    }
+
+    #[test]
+    fn valid_flags_parse() {
+        let config = args(&[
+            "--cluster-name=c1",
+            "--cluster-id=3",
+            "--etcd-endpoints=http://127.0.0.1:2379,http://127.0.0.1:2380",
+            "--session-grace=500ms",
+            "--health-listen=",
+        ])
+        .unwrap();
+        assert_eq!(config.cluster_name, "c1");
+        assert_eq!(config.cluster_id, 3);
+        assert_eq!(config.etcd.endpoints.len(), 2);
+        assert_eq!(config.session_grace, Duration::from_millis(500));
+        assert_eq!(config.health_listen, None);
+    }
+
+    #[test]
+    fn every_invalid_value_is_reported_at_once() {
+        let err = args(&[
+            "--cluster-name=Bad_Name",
+            "--cluster-id=300",
+            "--max-connected-clusters=256",
+            "--etcd-endpoints=127.0.0.1:2379",
+            "--grpc-listen=nowhere",
+            "--source=kubernetes",
+            "--session-grace=30",
+        ])
+        .unwrap_err();
+        let flags: Vec<_> = err.0.iter().map(|e| e.flag).collect();
+        assert_eq!(
+            flags,
+            [
+                "cluster-name",
+                "max-connected-clusters",
+                "cluster-id",
+                "etcd-endpoints",
+                "grpc-listen",
+                "source",
+                "session-grace"
+            ]
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("--cluster-id \"300\": must be in 1..=255"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn cluster_id_up_to_511_with_511_clusters() {
+        let config = args(&[
+            "--cluster-name=c1",
+            "--cluster-id=400",
+            "--max-connected-clusters=511",
+            "--etcd-endpoints=http://127.0.0.1:2379",
+        ])
+        .unwrap();
+        assert_eq!(config.cluster_id, 400);
+    }
+
+    #[test]
+    fn etcd_config_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etcd.yaml");
+        std::fs::write(
+            &path,
+            "endpoints:\n- https://10.0.0.1:2379\ntrusted-ca-file: /ca.crt\ncert-file: /tls.crt\nkey-file: /tls.key\n",
+        )
+        .unwrap();
+        let config = args(&[
+            "--cluster-name=c1",
+            "--cluster-id=1",
+            &format!("--etcd-config={}", path.display()),
+        ])
+        .unwrap();
+        assert_eq!(config.etcd.endpoints, ["https://10.0.0.1:2379"]);
+        assert_eq!(
+            config.etcd.tls.unwrap().cert_file.unwrap(),
+            PathBuf::from("/tls.crt")
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}
