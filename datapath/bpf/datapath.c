@@ -336,7 +336,7 @@ static __always_inline int to_endpoint(struct __sk_buff *skb, const struct pkt *
 /* ---- programs ---- */
 
 /* tc ingress on the host side of a pod's veth: packets the pod sends. */
-SEC("tc")
+SEC("classifier")
 int from_pod(struct __sk_buff *skb)
 {
 	struct fwd f = {};
@@ -408,7 +408,7 @@ static __always_inline int overlay_deliver(struct __sk_buff *skb, __u32 identity
 }
 
 /* tc ingress on the VXLAN device (external mode). */
-SEC("tc")
+SEC("classifier")
 int from_overlay(struct __sk_buff *skb)
 {
 	struct bpf_tunnel_key key = {};
@@ -426,7 +426,7 @@ int from_overlay(struct __sk_buff *skb)
 /* BPF_PROG_TEST_RUN cannot attach tunnel metadata to a test packet, so this
  * twin of from_overlay takes the VNI from cb[0] and the remote node from cb[1]
  * and then runs the very same delivery code. Never attached to a device. */
-SEC("tc")
+SEC("classifier")
 int test_from_overlay(struct __sk_buff *skb)
 {
 	return overlay_deliver(skb, skb->cb[0], skb->cb[1]);
@@ -461,14 +461,14 @@ static __always_inline int host_deliver(struct __sk_buff *skb, __u32 l3_off)
 }
 
 /* tc ingress on an Ethernet device carrying natively routed pod traffic. */
-SEC("tc")
+SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
 {
 	return host_deliver(skb, ETH_HLEN);
 }
 
 /* tc ingress on an L3 device (WireGuard, TUN): no Ethernet header. */
-SEC("tc")
+SEC("classifier")
 int from_l3dev(struct __sk_buff *skb)
 {
 	return host_deliver(skb, 0);

@@ -383,6 +383,18 @@ impl Datapath {
         })
     }
 
+    /// Points `from_pod`'s tunnel path at the VXLAN device with this ifindex
+    /// (0: none, tunnelled packets are dropped with `NoOverlay`).
+    /// [`Datapath::attach_from_overlay`] does this itself; this is for
+    /// `BPF_PROG_TEST_RUN` harnesses that have no device.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the config map cannot be written.
+    pub fn set_vxlan_ifindex(&mut self, ifindex: u32) -> Result<(), Error> {
+        self.update_config(|c| c.vxlan_ifindex = ifindex)
+    }
+
     /// The current contents of the config map.
     ///
     /// # Errors

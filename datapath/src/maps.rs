@@ -71,6 +71,16 @@ where
     })
 }
 
+/// A miss: aya reports it as `KeyNotFound` for lookups and as `ENOENT` from
+/// the syscall for deletes.
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
 fn addr_bytes(ip: IpAddr) -> (u8, [u8; 16]) {
     let mut addr = [0u8; 16];
     match ip {
@@ -227,7 +237,7 @@ impl Ipcache {
     pub fn remove(&mut self, prefix: IpNet) -> Result<bool, Error> {
         match self.map.remove(&ipcache_key(prefix)) {
             Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) if is_not_found(&e) => Ok(false),
             Err(source) => Err(Error::Op {
                 name: IPCACHE,
                 op: "remove",
@@ -264,7 +274,7 @@ impl Ipcache {
     pub fn lookup(&self, ip: IpAddr) -> Result<Option<IpcacheEntry>, Error> {
         match self.map.get(&ipcache_key(IpNet::from(ip)), 0) {
             Ok(v) => Ok(Some(IpcacheEntry::from_value(v))),
-            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
             Err(source) => Err(Error::Op {
                 name: IPCACHE,
                 op: "lookup",
@@ -382,7 +392,7 @@ impl Endpoints {
     pub fn remove(&mut self, ip: IpAddr) -> Result<bool, Error> {
         match self.map.remove(&endpoint_key(ip)) {
             Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) if is_not_found(&e) => Ok(false),
             Err(source) => Err(Error::Op {
                 name: ENDPOINTS,
                 op: "remove",
@@ -400,7 +410,7 @@ impl Endpoints {
     pub fn get(&self, ip: IpAddr) -> Result<Option<Endpoint>, Error> {
         match self.map.get(&endpoint_key(ip), 0) {
             Ok(info) => Ok(Some(endpoint_from(info))),
-            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
             Err(source) => Err(Error::Op {
                 name: ENDPOINTS,
                 op: "get",
