@@ -1,0 +1,7 @@
+//! `meshctl`: see the library docs.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    meshctl::cli::run(meshctl::cli::Cli::parse())
+}
