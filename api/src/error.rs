@@ -144,7 +144,7 @@ pub enum ValidationError {
         source: FieldError,
     },
     /// The key or value names another cluster than the connection's.
-    #[error("{field} of {key} names cluster {got:?}, but this connection belongs to cluster {expected:?}")]
+    #[error("{field} of {key} names cluster {got:?}, but this connection belongs to cluster {:?}", expected.as_str())]
     ClusterMismatch {
         /// The key (clipped).
         key: String,
@@ -176,7 +176,7 @@ pub enum ValidationError {
         expected: ClusterName,
     },
     /// A numeric identity lies outside the cluster's range.
-    #[error("{field} {identity} of {key} is outside the range {}..={} of cluster {cluster:?} (and not a reserved identity)", range.start(), range.end())]
+    #[error("identity {identity} in {field} of {key} is outside the range {}..={} of cluster {:?}", range.start(), range.end(), cluster.as_str())]
     IdentityOutOfRange {
         /// The key (clipped).
         key: String,

@@ -121,20 +121,35 @@ pub(crate) fn parse_optional_ip(field: &str, value: &str) -> Result<Option<IpAdd
     }
 }
 
+/// Parses a `net.IP` field that may be `""` and must be of one family;
+/// `family` picks the address out of an [`IpAddr`] of the right family.
+fn parse_optional_family<T>(
+    field: &str,
+    value: &str,
+    family: fn(IpAddr) -> Option<T>,
+    wrong_family: &'static str,
+) -> Result<Option<T>, FieldError> {
+    parse_optional_ip(field, value)?
+        .map(|ip| {
+            family(ip).ok_or_else(|| FieldError::Invalid {
+                field: field.to_owned(),
+                value: clip(value),
+                reason: wrong_family,
+            })
+        })
+        .transpose()
+}
+
 /// Parses a `net.IP` field that may be `""` and must be IPv4.
 pub(crate) fn parse_optional_ipv4(
     field: &str,
     value: &str,
 ) -> Result<Option<Ipv4Addr>, FieldError> {
-    match parse_optional_ip(field, value)? {
-        None => Ok(None),
-        Some(IpAddr::V4(ip)) => Ok(Some(ip)),
-        Some(IpAddr::V6(_)) => Err(FieldError::Invalid {
-            field: field.to_owned(),
-            value: clip(value),
-            reason: "expected an IPv4 address",
-        }),
-    }
+    let v4 = |ip| match ip {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    };
+    parse_optional_family(field, value, v4, "expected an IPv4 address")
 }
 
 /// Parses a `net.IP` field that may be `""` and must be IPv6.
@@ -142,15 +157,11 @@ pub(crate) fn parse_optional_ipv6(
     field: &str,
     value: &str,
 ) -> Result<Option<Ipv6Addr>, FieldError> {
-    match parse_optional_ip(field, value)? {
-        None => Ok(None),
-        Some(IpAddr::V6(ip)) => Ok(Some(ip)),
-        Some(IpAddr::V4(_)) => Err(FieldError::Invalid {
-            field: field.to_owned(),
-            value: clip(value),
-            reason: "expected an IPv6 address",
-        }),
-    }
+    let v6 = |ip| match ip {
+        IpAddr::V6(ip) => Some(ip),
+        IpAddr::V4(_) => None,
+    };
+    parse_optional_family(field, value, v6, "expected an IPv6 address")
 }
 
 /// Renders an optional IP the way Go renders a nil-able `net.IP`.

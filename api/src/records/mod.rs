@@ -167,3 +167,17 @@ pub(crate) fn expect_key_cluster(
 ) -> Result<(), ValidationError> {
     cluster.map_or(Ok(()), |c| expect_cluster(key, "key", c, scope))
 }
+
+/// The checks shared by the records keyed `<prefix>/<cluster>/<namespace>/<name>`:
+/// the value's cluster, namespace and name against the scope and the key.
+pub(crate) fn expect_namespaced(
+    key: &str,
+    parsed: &crate::keys::NamespacedKey,
+    value: (&ClusterName, &str, &str),
+    scope: &RemoteScope,
+) -> Result<(), ValidationError> {
+    let (cluster, namespace, name) = value;
+    expect_cluster(key, "cluster", cluster, scope)?;
+    expect_same(key, "namespace", parsed.namespace.as_str(), namespace)?;
+    expect_same(key, "name", parsed.name.as_str(), name)
+}

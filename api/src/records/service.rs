@@ -13,7 +13,8 @@ use crate::error::{FieldError, ValidationError};
 use crate::go::{check_size, decode_json, encode_json, null_map, parse_ip};
 use crate::keys;
 use crate::records::{
-    at, cluster_field, cluster_id_field, expect_cluster, expect_cluster_id, expect_same, L4Protocol,
+    at, cluster_field, cluster_id_field, expect_cluster, expect_cluster_id, expect_namespaced,
+    L4Protocol,
 };
 use crate::Resource;
 
@@ -215,15 +216,9 @@ impl Resource for ClusterService {
         expect_cluster(key, "key", &parsed.cluster, scope)?;
         let wire: Wire = decode_json(key, value)?;
         let svc = ClusterService::try_from(wire).map_err(at(key))?;
-        expect_cluster(key, "cluster", &svc.cluster, scope)?;
+        let claimed = (&svc.cluster, svc.namespace.as_str(), svc.name.as_str());
+        expect_namespaced(key, &parsed, claimed, scope)?;
         expect_cluster_id(key, "clusterID", svc.cluster_id, scope)?;
-        expect_same(
-            key,
-            "namespace",
-            parsed.namespace.as_str(),
-            svc.namespace.as_str(),
-        )?;
-        expect_same(key, "name", parsed.name.as_str(), svc.name.as_str())?;
         Ok(svc)
     }
 }

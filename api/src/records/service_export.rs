@@ -11,7 +11,7 @@ use crate::cluster::{ClusterName, RemoteScope};
 use crate::error::{FieldError, ValidationError};
 use crate::go::{check_size, decode_json, encode_json, null_vec};
 use crate::keys;
-use crate::records::{at, cluster_field, expect_cluster, expect_same, L4Protocol};
+use crate::records::{at, cluster_field, expect_cluster, expect_namespaced, L4Protocol};
 use crate::timestamp::Timestamp;
 use crate::{clip, Resource};
 
@@ -178,14 +178,12 @@ impl Resource for ServiceExport {
         expect_cluster(key, "key", &parsed.cluster, scope)?;
         let wire: Wire = decode_json(key, value)?;
         let export = ServiceExport::try_from(wire).map_err(at(key))?;
-        expect_cluster(key, "cluster", &export.cluster, scope)?;
-        expect_same(
-            key,
-            "namespace",
-            parsed.namespace.as_str(),
+        let claimed = (
+            &export.cluster,
             export.namespace.as_str(),
-        )?;
-        expect_same(key, "name", parsed.name.as_str(), export.name.as_str())?;
+            export.name.as_str(),
+        );
+        expect_namespaced(key, &parsed, claimed, scope)?;
         Ok(export)
     }
 }
