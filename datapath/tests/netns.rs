@@ -1,0 +1,401 @@
+//! Real packets through the attached programs: two node namespaces joined by
+//! a veth underlay, VXLAN in external mode, two pods per node. ICMP, TCP and
+//! UDP between pods on one node and across nodes, both directions, IPv4 and
+//! IPv6; the VNI on the underlay; a loader restart under a TCP stream.
+//! Needs root. Namespaces are named `mdp-nt-<pid>-*` and removed on drop.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::{Pod, Topology};
+use datapath::{netns, AttachOutcome, Endpoint, IpcacheEntry};
+use nix::sys::socket::{
+    recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol,
+    SockType, SockaddrIn, SockaddrIn6,
+};
+
+/// One node's ipcache and endpoints, sorted.
+type NodeMaps = (Vec<(ipnet::IpNet, IpcacheEntry)>, Vec<(IpAddr, Endpoint)>);
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn topology(tag: &str) -> Option<Topology> {
+    if !common::require_root() {
+        return None;
+    }
+    let prefix = format!("{}{tag}-", common::prefix("nt"));
+    Some(Topology::build(&prefix))
+}
+
+/// ICMP echo from `from` to `to` with a ping socket; true when the reply came.
+fn ping(from: &Pod, to: IpAddr) -> Result<(), String> {
+    netns::run_in(&netns::named(&from.ns), move || -> Result<(), String> {
+        let (family, proto, req_type, reply_type) = match to {
+            IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp, 8u8, 0u8),
+            IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6, 128, 129),
+        };
+        let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, proto)
+            .map_err(|e| e.to_string())?;
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(1, 0),
+        )
+        .map_err(|e| e.to_string())?;
+        use std::os::fd::AsRawFd as _;
+        let mut req = vec![req_type, 0, 0, 0, 0, 0, 0, 1];
+        req.extend_from_slice(b"mesh-ping");
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            let sent = match to {
+                IpAddr::V4(v4) => sendto(
+                    fd.as_raw_fd(),
+                    &req,
+                    &SockaddrIn::from(std::net::SocketAddrV4::new(v4, 0)),
+                    MsgFlags::empty(),
+                ),
+                IpAddr::V6(v6) => sendto(
+                    fd.as_raw_fd(),
+                    &req,
+                    &SockaddrIn6::from(std::net::SocketAddrV6::new(v6, 0, 0, 0)),
+                    MsgFlags::empty(),
+                ),
+            };
+            sent.map_err(|e| format!("send echo to {to}: {e}"))?;
+            let mut buf = [0u8; 128];
+            if let Ok(n) = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                if n >= 8 && buf[0] == reply_type && &buf[8..n] == b"mesh-ping" {
+                    return Ok(());
+                }
+            }
+        }
+        Err(format!("no echo reply from {to} within {TIMEOUT:?}"))
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// Runs `server` in `to`'s namespace and `client` in `from`'s, concurrently.
+fn exchange<S, C>(from: &Pod, to: &Pod, server: S, client: C) -> Result<(), String>
+where
+    S: FnOnce(mpsc::Sender<()>) -> Result<(), String> + Send + 'static,
+    C: FnOnce() -> Result<(), String> + Send,
+{
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server_ns = netns::named(&to.ns);
+    let server = std::thread::spawn(move || netns::run_in(&server_ns, move || server(ready_tx)));
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .map_err(|_| "server did not start".to_owned())?;
+    let client_result =
+        netns::run_in(&netns::named(&from.ns), client).map_err(|e| e.to_string())?;
+    let server_result = server
+        .join()
+        .map_err(|_| "server panicked".to_owned())?
+        .map_err(|e| e.to_string())?;
+    client_result.and(server_result)
+}
+
+fn tcp_echo(from: &Pod, to: &Pod, dst: IpAddr) -> Result<(), String> {
+    let payload: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    let expect = payload.clone();
+    exchange(
+        from,
+        to,
+        move |ready| {
+            let listener =
+                TcpListener::bind(SocketAddr::new(dst, 7001)).map_err(|e| e.to_string())?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            ready.send(()).ok();
+            let deadline = Instant::now() + TIMEOUT;
+            let (mut conn, _) = loop {
+                match listener.accept() {
+                    Ok(c) => break c,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => return Err(format!("accept on {dst}: {e}")),
+                }
+            };
+            conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 20_000];
+            conn.read_exact(&mut buf)
+                .map_err(|e| format!("server read: {e}"))?;
+            conn.write_all(&buf)
+                .map_err(|e| format!("server write: {e}"))
+        },
+        move || {
+            let mut conn = TcpStream::connect_timeout(&SocketAddr::new(dst, 7001), TIMEOUT)
+                .map_err(|e| format!("connect to {dst}: {e}"))?;
+            conn.set_read_timeout(Some(TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            conn.write_all(&payload).map_err(|e| e.to_string())?;
+            let mut back = vec![0u8; payload.len()];
+            conn.read_exact(&mut back)
+                .map_err(|e| format!("client read: {e}"))?;
+            (back == expect)
+                .then_some(())
+                .ok_or_else(|| "echoed bytes differ".to_owned())
+        },
+    )
+}
+
+fn udp_echo(from: &Pod, to: &Pod, dst: IpAddr) -> Result<(), String> {
+    exchange(
+        from,
+        to,
+        move |ready| {
+            let sock = UdpSocket::bind(SocketAddr::new(dst, 7002)).map_err(|e| e.to_string())?;
+            sock.set_read_timeout(Some(TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            ready.send(()).ok();
+            let mut buf = [0u8; 1500];
+            let (n, peer) = sock
+                .recv_from(&mut buf)
+                .map_err(|e| format!("udp server recv: {e}"))?;
+            sock.send_to(&buf[..n], peer).map_err(|e| e.to_string())?;
+            Ok(())
+        },
+        move || {
+            let any: IpAddr = if dst.is_ipv4() {
+                "0.0.0.0".parse().unwrap()
+            } else {
+                "::".parse().unwrap()
+            };
+            let sock = UdpSocket::bind(SocketAddr::new(any, 0)).map_err(|e| e.to_string())?;
+            sock.set_read_timeout(Some(Duration::from_millis(500)))
+                .map_err(|e| e.to_string())?;
+            let msg = b"mesh-udp-datagram";
+            let deadline = Instant::now() + TIMEOUT;
+            while Instant::now() < deadline {
+                sock.send_to(msg, SocketAddr::new(dst, 7002))
+                    .map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 64];
+                if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                    return (&buf[..n] == msg)
+                        .then_some(())
+                        .ok_or_else(|| "udp echo differs".to_owned());
+                }
+            }
+            Err(format!("no udp echo from {dst}"))
+        },
+    )
+}
+
+#[test]
+fn pods_talk_on_one_node_and_across_nodes() {
+    let Some(topo) = topology("a") else { return };
+    let pods = topo.all_pods();
+    let (p11, p12, p21) = (&pods[0], &pods[1], &pods[2]);
+    let mut failures = Vec::new();
+    for (a, b, what) in [(p11, p12, "same node"), (p11, p21, "across nodes")] {
+        for (from, to) in [(a, b), (b, a)] {
+            for dst in [to.v4, to.v6] {
+                let label = format!("{what} {} -> {} ({dst})", from.ns, to.ns);
+                if let Err(e) = ping(from, dst) {
+                    failures.push(format!("ICMP {label}: {e}"));
+                }
+                if let Err(e) = tcp_echo(from, to, dst) {
+                    failures.push(format!("TCP {label}: {e}"));
+                }
+                if let Err(e) = udp_echo(from, to, dst) {
+                    failures.push(format!("UDP {label}: {e}"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failed exchanges:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Captures on node 2's underlay while pod 1.1 pings pod 2.1: the VXLAN
+/// header's VNI is pod 1.1's identity.
+#[test]
+fn vni_on_the_underlay_is_the_source_identity() {
+    let Some(topo) = topology("v") else { return };
+    let pods = topo.all_pods();
+    let (p11, p21) = (pods[0].clone(), pods[2].clone());
+    let node2 = topo.nodes[1].ns.path();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let capture = std::thread::spawn(move || {
+        netns::run_in(&node2, move || -> Result<Vec<u32>, String> {
+            let fd = socket(
+                AddressFamily::Packet,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC,
+                SockProtocol::EthAll,
+            )
+            .map_err(|e| e.to_string())?;
+            setsockopt(
+                &fd,
+                sockopt::ReceiveTimeout,
+                &nix::sys::time::TimeVal::new(0, 200_000),
+            )
+            .map_err(|e| e.to_string())?;
+            ready_tx.send(()).ok();
+            use std::os::fd::AsRawFd as _;
+            let mut vnis = Vec::new();
+            let deadline = Instant::now() + TIMEOUT;
+            while Instant::now() < deadline && vnis.is_empty() {
+                let mut buf = [0u8; 2048];
+                let Ok(n) = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) else {
+                    continue;
+                };
+                // Outer Ethernet (14) + IPv4 (20, no options) + UDP (8) + VXLAN (8).
+                let f = &buf[..n];
+                if n >= 50
+                    && f[12..14] == [0x08, 0x00]
+                    && f[23] == 17
+                    && f[36..38] == 4789u16.to_be_bytes()
+                {
+                    vnis.push(u32::from_be_bytes([0, f[46], f[47], f[48]]));
+                }
+            }
+            Ok(vnis)
+        })
+    });
+    ready_rx.recv_timeout(TIMEOUT).expect("capture started");
+    ping(&p11, p21.v4).expect("ping across nodes");
+    let vnis = capture
+        .join()
+        .expect("capture thread")
+        .expect("netns")
+        .expect("capture");
+    assert_eq!(
+        vnis.first(),
+        Some(&p11.identity),
+        "VNI of the first VXLAN packet on node 2's underlay"
+    );
+}
+
+/// A TCP stream flows from pod 1.1 to pod 2.1 while both nodes' loaders are
+/// dropped (all their fds closed, as at process exit) and loaded again: the
+/// pinned links keep forwarding, the new programs replace the old ones in
+/// place, the stream is not interrupted and the maps are unchanged.
+#[test]
+fn loader_restart_does_not_interrupt_a_tcp_stream() {
+    let Some(mut topo) = topology("r") else {
+        return;
+    };
+    let pods = topo.all_pods();
+    let (p11, p21) = (pods[0].clone(), pods[2].clone());
+    let snapshot = |topo: &Topology| -> Vec<NodeMaps> {
+        topo.nodes
+            .iter()
+            .map(|n| {
+                let ipc = datapath::Ipcache::open(n.bpffs.path()).unwrap();
+                let eps = datapath::Endpoints::open(n.bpffs.path()).unwrap();
+                let mut a: Vec<_> = ipc.iter().collect::<Result<_, _>>().unwrap();
+                let mut b: Vec<_> = eps.iter().collect::<Result<_, _>>().unwrap();
+                a.sort_by_key(|(k, _)| k.to_string());
+                b.sort_by_key(|(k, _)| k.to_string());
+                (a, b)
+            })
+            .collect()
+    };
+    let before = snapshot(&topo);
+
+    let dst = p21.v4;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server_ns = netns::named(&p21.ns);
+    // Server: counts bytes, records the longest pause between reads.
+    let server = std::thread::spawn(move || {
+        netns::run_in(&server_ns, move || -> Result<(u64, Duration), String> {
+            let listener =
+                TcpListener::bind(SocketAddr::new(dst, 7003)).map_err(|e| e.to_string())?;
+            ready_tx.send(()).ok();
+            let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            let (mut total, mut max_gap, mut last) = (0u64, Duration::ZERO, Instant::now());
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = conn
+                    .read(&mut buf)
+                    .map_err(|e| format!("stream read after {total} bytes: {e}"))?;
+                if n == 0 {
+                    return Ok((total, max_gap));
+                }
+                total += n as u64;
+                max_gap = max_gap.max(last.elapsed());
+                last = Instant::now();
+            }
+        })
+    });
+    ready_rx.recv_timeout(TIMEOUT).expect("server started");
+    let client_ns = netns::named(&p11.ns);
+    let (restarted_tx, restarted_rx) = mpsc::channel::<()>();
+    let client = std::thread::spawn(move || {
+        netns::run_in(&client_ns, move || -> Result<u64, String> {
+            let mut conn = TcpStream::connect_timeout(&SocketAddr::new(dst, 7003), TIMEOUT)
+                .map_err(|e| format!("connect: {e}"))?;
+            conn.set_write_timeout(Some(TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            let chunk = vec![0x5au8; 16 * 1024];
+            let mut sent = 0u64;
+            let mut stop_at: Option<Instant> = None;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                conn.write_all(&chunk)
+                    .map_err(|e| format!("stream write after {sent} bytes: {e}"))?;
+                sent += chunk.len() as u64;
+                // Keep streaming for a second after the restart finished.
+                if stop_at.is_none() && restarted_rx.try_recv().is_ok() {
+                    stop_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+                if stop_at.is_some_and(|t| Instant::now() > t) || Instant::now() > deadline {
+                    return Ok(sent);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    });
+
+    std::thread::sleep(Duration::from_millis(500));
+    // The restart: every fd of the old loaders closed, then a new load.
+    for node in &mut topo.nodes {
+        node.dp = None;
+    }
+    for node in &mut topo.nodes {
+        node.dp = Some(
+            datapath::Datapath::load_or_adopt(node.bpffs.path()).expect("adopt after restart"),
+        );
+    }
+    let outcomes = topo.attach_all();
+    restarted_tx.send(()).unwrap();
+    assert!(
+        outcomes.iter().all(|o| *o == AttachOutcome::Replaced),
+        "re-attach replaces pinned links: {outcomes:?}"
+    );
+
+    let sent = client
+        .join()
+        .expect("client thread")
+        .expect("client netns")
+        .expect("client stream");
+    let (received, max_gap) = server
+        .join()
+        .expect("server thread")
+        .expect("server netns")
+        .expect("server stream");
+    assert_eq!(received, sent, "every byte arrived");
+    assert!(
+        max_gap < Duration::from_millis(500),
+        "stream stalled for {max_gap:?} (a retransmission timeout)"
+    );
+    assert_eq!(snapshot(&topo), before, "maps unchanged by the restart");
+    eprintln!("restart under load: {sent} bytes, longest pause between reads {max_gap:?}");
+}
