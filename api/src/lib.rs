@@ -87,14 +87,14 @@ pub const MAX_VALUE_BYTES: usize = 512 * 1024;
 /// [`key`](Self::key) and [`encode`](Self::encode), the read side lists
 /// [`prefix`](Self::prefix) and runs [`decode`](Self::decode) on each entry.
 pub trait Resource: Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static {
-    /// Kind name for logs and metrics: "nodes", "endpoints", "identities", "services", "serviceexports".
+    /// Kind name for logs and metrics: `"nodes"`, `"endpoints"`, `"identities"`, `"services"`, `"serviceexports"`.
     const KIND: &'static str;
-    /// Cluster-less base prefix, as used in the sync canary key, e.g. "cilium/state/nodes/v1",
-    /// "cilium/state/ip/v1", "cilium/state/identities/v1", "cilium/state/services/v1".
+    /// Cluster-less base prefix, as used in the sync canary key, e.g. `cilium/state/nodes/v1`,
+    /// `cilium/state/ip/v1`, `cilium/state/identities/v1`, `cilium/state/services/v1`.
     const BASE_PREFIX: &'static str;
     /// Key prefix (ending in '/') under which the records of `cluster` live in that cluster's etcd:
-    /// nodes "cilium/state/nodes/v1/<cluster>/", ip "cilium/state/ip/v1/default/",
-    /// identities "cilium/state/identities/v1/id/", services "cilium/state/services/v1/<cluster>/", ...
+    /// nodes `cilium/state/nodes/v1/<cluster>/`, ip `cilium/state/ip/v1/default/`,
+    /// identities `cilium/state/identities/v1/id/`, services `cilium/state/services/v1/<cluster>/`, ...
     fn prefix(cluster: &ClusterName) -> String;
     /// The full etcd key of this record.
     fn key(&self) -> String;
