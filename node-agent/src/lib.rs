@@ -1,0 +1,25 @@
+//! The node agent of the mesh and its CNI plugin.
+//!
+//! The agent runs on every node, inside the node's network namespace but in
+//! the host's mount namespace (so the datapath's bpffs pins outlive it). It
+//!
+//! * sets up pod networking for the `mesh-cni` plugin ([`cni`], [`pod`]):
+//!   addresses from the node's pod CIDR ([`ipam`], persisted), veth pairs
+//!   through rtnetlink ([`netlink`]), the datapath's `endpoints` map and
+//!   `from_pod` program;
+//! * keeps its node and endpoints registered with the local
+//!   clustermesh-apiserver ([`registry`]);
+//! * reports per-cluster status and metrics ([`status`]).
+//!
+//! Configuration is parsed and validated whole in [`config`]; [`agent::run`]
+//! is the entry point the binary calls.
+
+pub mod agent;
+pub mod cni;
+pub mod config;
+pub mod ipam;
+pub mod netlink;
+pub mod pod;
+pub mod registry;
+pub mod status;
+mod unix;
