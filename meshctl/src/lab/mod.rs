@@ -147,34 +147,42 @@ impl Binaries {
     ///
     /// [`LabError::MissingBinary`] naming the first one not found.
     pub fn discover() -> Result<Self, LabError> {
-        let exe = std::env::current_exe().map_err(io_error("locate", Path::new("meshctl")))?;
-        let mut dirs: Vec<PathBuf> = Vec::new();
-        if let Some(dir) = std::env::var_os("MESH_BIN_DIR") {
-            dirs.push(dir.into());
-        }
-        if let Some(dir) = exe.parent() {
-            dirs.push(dir.to_owned());
-        }
-        if let Some(path) = std::env::var_os("PATH") {
-            dirs.extend(std::env::split_paths(&path));
-        }
-        let find = |name: &str| {
-            dirs.iter()
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-                .ok_or_else(|| LabError::MissingBinary {
-                    name: name.to_owned(),
-                    looked: "MESH_BIN_DIR, beside meshctl, PATH".to_owned(),
-                })
-        };
         Ok(Self {
-            etcd: find("etcd")?,
-            apiserver: find("clustermesh-apiserver")?,
-            agent: find("node-agent")?,
-            cni: find("mesh-cni")?,
-            meshctl: exe,
+            etcd: find_program("etcd")?,
+            apiserver: find_program("clustermesh-apiserver")?,
+            agent: find_program("node-agent")?,
+            cni: find_program("mesh-cni")?,
+            meshctl: std::env::current_exe().map_err(io_error("locate", Path::new("meshctl")))?,
         })
     }
+}
+
+/// Finds program `name` in `MESH_BIN_DIR`, beside the running executable, then on `PATH`.
+///
+/// # Errors
+///
+/// [`LabError::MissingBinary`].
+pub fn find_program(name: &str) -> Result<PathBuf, LabError> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::var_os("MESH_BIN_DIR") {
+        dirs.push(dir.into());
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_owned))
+    {
+        dirs.push(dir);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| LabError::MissingBinary {
+            name: name.to_owned(),
+            looked: "MESH_BIN_DIR, beside meshctl, PATH".to_owned(),
+        })
 }
 
 /// Options of `lab up`.
@@ -238,7 +246,7 @@ impl Layout {
 }
 
 /// The plan of a lab: its state before anything was made.
-fn plan_state(opts: &UpOptions, dir: &Path) -> LabState {
+pub fn plan_state(opts: &UpOptions, dir: &Path) -> LabState {
     let layout = Layout::new(dir);
     let clusters = (1..=opts.clusters)
         .map(|n| ClusterState {
@@ -314,11 +322,8 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
     }
 
     let mut lab = wanted;
-    std::fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
-    let layout = Layout::new(&dir);
-    std::fs::create_dir_all(layout.logs()).map_err(io_error("create", &layout.logs()))?;
-    lab.save()?;
 
+    create_lab_dir(&lab)?;
     progress
         .step(format!(
             "underlay: bridge {} in namespace {}",
@@ -347,7 +352,7 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
                 cluster.control_ip,
                 plan::ETCD_TLS_PORT
             ))
-            .run(|| enable_cluster(&lab, &cluster, &bins))?;
+            .run(|| enable_cluster(&lab, &cluster, &bins.etcd))?;
         lab.processes.push(record);
         lab.save()?;
     }
@@ -421,6 +426,33 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
     Ok(lab)
 }
 
+/// Creates the lab directory and writes the planned state, so that even a
+/// crash in the next step leaves a lab `down` can find.
+///
+/// # Errors
+///
+/// I/O errors.
+pub fn create_lab_dir(lab: &LabState) -> Result<(), LabError> {
+    let logs = Layout::new(&lab.dir).logs();
+    std::fs::create_dir_all(&logs).map_err(io_error("create", &logs))?;
+    lab.save()?;
+    Ok(())
+}
+
+/// Builds the whole topology of a planned lab: the underlay, and every
+/// cluster's control and node namespaces plugged into it.
+///
+/// # Errors
+///
+/// The failing `ip` command.
+pub fn build_topology(lab: &LabState) -> Result<(), LabError> {
+    create_underlay(&lab.name)?;
+    for cluster in &lab.clusters {
+        create_cluster_netns(&lab.name, cluster)?;
+    }
+    Ok(())
+}
+
 fn same_shape(a: &LabState, b: &LabState) -> bool {
     a.routing == b.routing
         && a.encryption == b.encryption
@@ -491,7 +523,7 @@ fn create_cluster_netns(lab: &str, cluster: &ClusterState) -> Result<(), IpError
 
 /// The Cilium-style config with which `reader` reaches `cluster`'s etcd,
 /// issuing `reader`'s client certificate from `cluster`'s CA.
-fn etcd_config_for(
+pub fn etcd_config_for(
     lab: &LabState,
     cluster: &ClusterState,
     reader: &str,
@@ -513,10 +545,14 @@ fn etcd_config_for(
 /// `clustermesh enable` for a lab cluster: PKI, then etcd with TLS and
 /// client-certificate auth on the control IP (plus a plain listener on the
 /// control namespace's loopback, reachable only by the local apiserver).
-fn enable_cluster(
+///
+/// # Errors
+///
+/// [`LabError`] when certificates cannot be made or etcd does not become healthy.
+pub fn enable_cluster(
     lab: &LabState,
     cluster: &ClusterState,
-    bins: &Binaries,
+    etcd: &Path,
 ) -> Result<ProcessRecord, LabError> {
     let layout = Layout::new(&lab.dir);
     let pki = layout.pki(&cluster.name);
@@ -550,7 +586,7 @@ fn enable_cluster(
         cluster: cluster.name.clone(),
         member: None,
         netns: Some(cluster.control_netns.clone()),
-        program: bins.etcd.clone(),
+        program: etcd.to_owned(),
         args: args.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         log: layout.logs().join(format!("etcd-{}.log", cluster.name)),
         env: vec![],
@@ -899,6 +935,8 @@ pub fn down(name: &str, root: &Path, progress: &Progress) -> Result<DownReport, 
         }
         std::fs::remove_dir_all(&dir).map_err(io_error("remove", &dir))?;
         report.removed_dir = true;
+        // The parent too, when this was its last lab (ENOTEMPTY otherwise: fine).
+        let _ = std::fs::remove_dir(root);
         step.done();
     }
     Ok(report)
@@ -974,7 +1012,7 @@ pub fn status(lab: &LabState) -> LabStatus {
 ///
 /// [`LabError`] when it does not come back healthy.
 pub fn restart_etcd(lab: &mut LabState, cluster: &str) -> Result<(), LabError> {
-    let bins = Binaries::discover()?;
+    let etcd = find_program("etcd")?;
     let c = find_cluster(lab, cluster)?.clone();
     for record in lab
         .processes
@@ -983,7 +1021,7 @@ pub fn restart_etcd(lab: &mut LabState, cluster: &str) -> Result<(), LabError> {
     {
         supervise::stop(record);
     }
-    let record = enable_cluster(lab, &c, &bins)?;
+    let record = enable_cluster(lab, &c, &etcd)?;
     lab.processes
         .retain(|p| !(p.role == Role::Etcd && p.cluster == cluster));
     lab.processes.push(record);

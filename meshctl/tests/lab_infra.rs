@@ -1,0 +1,220 @@
+//! The lab's own layers, without agents: the namespace topology and underlay
+//! addressing, each cluster's etcd with mutual TLS (reachable across clusters
+//! with the right client certificate, refused with another CA's), reading an
+//! "external" cluster's facts through a Cilium-style config, and `lab down`
+//! leaving nothing behind. Needs root and etcd.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshctl::clustermesh::config::{self, ConfigError, EtcdConfig};
+use meshctl::clustermesh::external::{self, ExternalError};
+use meshctl::lab::state::{Encryption, LabState, Routing};
+use meshctl::lab::{self, ip, plan, supervise, UpOptions};
+use meshctl::netprobe;
+use meshctl::progress::Progress;
+
+/// Removes the lab even when the test fails.
+struct Guard {
+    name: String,
+    root: PathBuf,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Err(e) = lab::down(&self.name, &self.root, &Progress::quiet()) {
+            eprintln!("cleaning lab {}: {e}", self.name);
+        }
+    }
+}
+
+/// A lab name unique to this process (lab names are `[a-z][a-z0-9]{0,9}`).
+fn lab_name() -> String {
+    format!("i{}", std::process::id() % 1_000_000_000)
+}
+
+fn put_plain(netns: &str, kvs: Vec<(String, String)>) {
+    ip::in_netns(netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let endpoint = format!("http://127.0.0.1:{}", plan::ETCD_LOCAL_PORT);
+            let mut client = etcd_client::Client::connect([endpoint], None)
+                .await
+                .expect("connect to the plain local listener");
+            for (k, v) in kvs {
+                client.put(k, v, None).await.expect("put");
+            }
+        });
+    })
+    .expect("enter control namespace");
+}
+
+fn read_facts_from(netns: &str, config: EtcdConfig) -> Result<config::ClusterFacts, ExternalError> {
+    ip::in_netns(netns, move || external::read_facts(&config, "test", None))
+        .expect("enter node namespace")
+}
+
+fn lab_objects(name: &str, root: &Path) -> Vec<String> {
+    let mut left: Vec<String> = ip::list_netns()
+        .unwrap()
+        .into_iter()
+        .filter(|n| plan::is_lab_netns(name, n))
+        .map(|n| format!("namespace {n}"))
+        .collect();
+    let dir = lab::lab_dir(root, name);
+    if dir.exists() {
+        left.push(format!("directory {}", dir.display()));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    left.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&dir.display().to_string()))
+            .map(|l| format!("mount {l}")),
+    );
+    left
+}
+
+#[test]
+fn topology_mtls_etcd_and_down() {
+    if !testkit::require_root() || !testkit::require_binary("etcd") {
+        return;
+    }
+    let root = std::env::temp_dir().join("mesh-lab-infra-test");
+    let name = lab_name();
+    let _guard = Guard {
+        name: name.clone(),
+        root: root.clone(),
+    };
+    let opts = UpOptions {
+        name: name.clone(),
+        root: root.clone(),
+        clusters: 2,
+        nodes: 1,
+        routing: Routing::Tunnel,
+        encryption: Encryption::None,
+        connect: false,
+        wait: None,
+    };
+    // A crashed earlier run with the same name is cleaned first.
+    lab::down(&name, &root, &Progress::quiet()).unwrap();
+    let mut state: LabState = lab::plan_state(&opts, &lab::lab_dir(&root, &name));
+    lab::create_lab_dir(&state).unwrap();
+    lab::build_topology(&state).unwrap();
+
+    // Underlay: every namespace reaches every other across clusters; the bridge
+    // namespace holds exactly the bridge and one port per namespace.
+    let c1n1 = state.clusters[0].nodes[0].netns.clone();
+    for target in [
+        plan::node_ip(2, 1),
+        plan::control_ip(1),
+        plan::control_ip(2),
+    ] {
+        let rtt = ip::in_netns(&c1n1, move || {
+            netprobe::icmp_echo(target, Duration::from_secs(5))
+        })
+        .unwrap();
+        rtt.unwrap_or_else(|e| panic!("{c1n1} -> {target}: {e}"));
+    }
+    let mut ports = ip::links(&plan::underlay_netns(&name)).unwrap();
+    ports.sort();
+    assert_eq!(ports, ["br0", "c1-ctl", "c1-n1", "c2-ctl", "c2-n1", "lo"]);
+
+    // etcd with mutual TLS per cluster.
+    let etcd = testkit::find_binary("etcd").unwrap();
+    for i in 0..state.clusters.len() {
+        let cluster = state.clusters[i].clone();
+        let record = lab::enable_cluster(&state, &cluster, &etcd).unwrap();
+        state.processes.push(record);
+    }
+    state.save().unwrap();
+    let c2 = state.clusters[1].clone();
+    put_plain(
+        &c2.control_netns,
+        vec![
+            (
+                "cilium/cluster-config/c2".into(),
+                r#"{"id":2,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255}}"#
+                    .into(),
+            ),
+            (
+                "cilium/state/nodes/v1/c2/c2-n1".into(),
+                r#"{"Name":"c2-n1","Cluster":"c2","IPv4AllocCIDR":{"IP":"10.2.1.0","Mask":"////AA=="}}"#
+                    .into(),
+            ),
+        ],
+    );
+
+    // c1's node reads c2's etcd over mTLS with the certificate c2's CA issued for c1.
+    let good = lab::etcd_config_for(&state, &c2, "c1").unwrap();
+    let facts = read_facts_from(&c1n1, good.clone()).expect("mTLS read of c2 from c1-n1");
+    assert_eq!(facts.name, "c2");
+    assert_eq!(facts.id, 2);
+    assert_eq!(facts.pod_cidrs, ["10.2.1.0/24".parse().unwrap()]);
+    // The same facts clash with c2 itself, and not with c1.
+    let c1_facts = lab::cluster_facts(&state, &state.clusters[0]);
+    config::check_compatible(&c1_facts, &facts).unwrap();
+    let c2_facts = lab::cluster_facts(&state, &c2);
+    assert!(matches!(
+        config::check_compatible(&c2_facts, &facts),
+        Err(ConfigError::DuplicateName { .. })
+    ));
+
+    // A client certificate from c1's CA is refused by c2's etcd, and so is no certificate.
+    let c1 = state.clusters[0].clone();
+    let rogue_client = lab::etcd_config_for(&state, &c1, "c1").unwrap();
+    let rogue = EtcdConfig {
+        cert_file: rogue_client.cert_file,
+        key_file: rogue_client.key_file,
+        ..good.clone()
+    };
+    let err = read_facts_from(&c1n1, rogue).unwrap_err();
+    assert!(matches!(err, ExternalError::Etcd { .. }), "{err}");
+    let anonymous = EtcdConfig {
+        cert_file: None,
+        key_file: None,
+        ..good.clone()
+    };
+    let err = read_facts_from(&c1n1, anonymous).unwrap_err();
+    assert!(matches!(err, ExternalError::Etcd { .. }), "{err}");
+
+    // The config file installs in Cilium's layout and loads back.
+    let agent_dir = state.clusters[0].nodes[0].clustermesh_dir.clone();
+    let path = good.install(&agent_dir, "c2").unwrap();
+    let loaded = EtcdConfig::load(&path).unwrap();
+    assert_eq!(
+        read_facts_from(&c1n1, loaded).unwrap().name,
+        "c2",
+        "installed config works"
+    );
+
+    // etcd SIGKILLed comes back on its data directory with the data.
+    let etcd_c2 = state
+        .processes
+        .iter()
+        .find(|p| p.cluster == "c2")
+        .unwrap()
+        .clone();
+    supervise::kill_hard(&etcd_c2);
+    assert!(read_facts_from(&c1n1, good.clone()).is_err());
+    lab::restart_etcd(&mut state, "c2").unwrap();
+    assert_eq!(read_facts_from(&c1n1, good).unwrap().id, 2);
+
+    // Down: processes, namespaces, mounts, files: nothing left.
+    let pids: Vec<_> = state.processes.clone();
+    let report = lab::down(&name, &root, &Progress::quiet()).unwrap();
+    assert_eq!(report.namespaces.len(), 5, "{report:?}");
+    assert!(
+        lab_objects(&name, &root).is_empty(),
+        "{:?}",
+        lab_objects(&name, &root)
+    );
+    for p in pids {
+        assert!(!supervise::is_running(&p), "process {} survived", p.pid);
+    }
+    // Down again is harmless.
+    lab::down(&name, &root, &Progress::quiet()).unwrap();
+}
