@@ -73,6 +73,8 @@ mod config;
 mod etcd;
 pub mod keys;
 mod memory;
+#[cfg(test)]
+mod store_tests;
 mod sync_store;
 mod watch_store;
 

@@ -229,6 +229,11 @@ impl MemoryBackend {
         let _ = self.lock().put(key, value, None);
     }
 
+    /// Deletes a key directly, bypassing outages (to prepare a scenario).
+    pub fn unseed(&self, key: &str) {
+        self.lock().delete(key);
+    }
+
     fn spawn_reaper(&self, lease: LeaseId) {
         let weak: Weak<Mutex<State>> = Arc::downgrade(&self.state);
         tokio::spawn(async move {

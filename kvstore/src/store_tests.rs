@@ -1,0 +1,321 @@
+//! Unit tests of the stores' logic on the in-memory backend, on a paused
+//! clock. Behaviour against real etcd is covered by `tests/`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::{
+    ClusterId, ClusterName, IpcacheEntry, MaxConnectedClusters, NumericIdentity, RemoteScope,
+    Resource,
+};
+
+use crate::{
+    Event, Events, MemoryBackend, SyncStore, SyncStoreConfig, WatchStore, WatchStoreConfig,
+};
+
+const MAX: MaxConnectedClusters = MaxConnectedClusters::Max255;
+
+fn cluster() -> ClusterName {
+    ClusterName::new("c1").unwrap()
+}
+
+fn scope() -> RemoteScope {
+    RemoteScope::new(cluster(), ClusterId::new(3, MAX).unwrap(), MAX)
+}
+
+fn entry(i: u32, local: u16) -> IpcacheEntry {
+    let ip = IpAddr::V4(Ipv4Addr::from(0x0a01_0000 + i));
+    let id = NumericIdentity::from_parts(ClusterId::new(3, MAX).unwrap(), local, MAX).unwrap();
+    IpcacheEntry::new(ip, id, Some(IpAddr::V4(Ipv4Addr::new(192, 168, 3, 1))))
+}
+
+fn config() -> SyncStoreConfig {
+    SyncStoreConfig {
+        lease_ttl: Duration::from_secs(30),
+        concurrency: 4,
+        ..SyncStoreConfig::default()
+    }
+}
+
+fn writer(m: &MemoryBackend, config: SyncStoreConfig) -> SyncStore<IpcacheEntry> {
+    SyncStore::start(Arc::new(m.clone()), &cluster(), config)
+}
+
+fn reader(m: &MemoryBackend) -> (WatchStore<IpcacheEntry>, Events<IpcacheEntry>) {
+    let config = WatchStoreConfig {
+        wait_for_canary: true,
+        ..WatchStoreConfig::default()
+    };
+    WatchStore::spawn(Arc::new(m.clone()), scope(), config)
+}
+
+fn records(m: &MemoryBackend) -> BTreeMap<String, Vec<u8>> {
+    let prefix = IpcacheEntry::prefix(&cluster());
+    m.dump()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .collect()
+}
+
+fn expected(entries: &[IpcacheEntry]) -> BTreeMap<String, Vec<u8>> {
+    entries.iter().map(|e| (e.key(), e.encode())).collect()
+}
+
+async fn idle(w: &SyncStore<IpcacheEntry>) {
+    tokio::time::timeout(Duration::from_secs(60), w.wait_idle())
+        .await
+        .expect("the writer becomes idle within 60s");
+}
+
+async fn converged(r: &WatchStore<IpcacheEntry>, want: &BTreeMap<String, Vec<u8>>) {
+    let keys: std::collections::HashSet<String> = want.keys().cloned().collect();
+    testkit::wait_until(
+        Duration::from_secs(60),
+        "the reader to hold exactly the writer's keys",
+        || {
+            let held = r.keys();
+            let ok = held == keys;
+            async move { ok }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn coalesces_skips_unchanged_and_writes_canary_last() {
+    let m = MemoryBackend::new();
+    let (r, mut events) = reader(&m);
+    let w = writer(&m, config());
+    let mut entries: Vec<IpcacheEntry> = (0..50).map(|i| entry(i, 300)).collect();
+    for e in &entries {
+        w.upsert(e);
+    }
+    // Rapid changes to one key: only some writes reach the store.
+    for local in 301..400 {
+        entries[0] = entry(0, local);
+        w.upsert(&entries[0]);
+    }
+    w.upsert(&entries[1]); // unchanged
+    w.delete(&entries[49]);
+    entries.pop();
+    w.synced();
+    idle(&w).await;
+
+    assert_eq!(records(&m), expected(&entries));
+    let canary = m
+        .dump()
+        .get(w.canary_key())
+        .cloned()
+        .expect("canary written");
+    assert!(crate::keys::parse_rfc3339(std::str::from_utf8(&canary).unwrap()).is_some());
+    let stats = w.stats();
+    assert!(
+        stats.puts.load(Ordering::Relaxed) < 50 + 99,
+        "coalesced: {stats:?}"
+    );
+    assert!(stats.skipped_unchanged.load(Ordering::Relaxed) >= 1);
+    assert_eq!(stats.canaries.load(Ordering::Relaxed), 1);
+
+    r.wait_until_synced().await;
+    converged(&r, &expected(&entries)).await;
+    // Synced comes after the listing, and only once the canary exists.
+    let mut saw_synced = false;
+    while let Ok(ev) = events.try_recv() {
+        if ev == Event::Synced {
+            assert!(!saw_synced, "Synced is sent once");
+            saw_synced = true;
+        }
+    }
+    assert!(saw_synced);
+    assert_eq!(*r.get(&entries[0].key()).unwrap(), entries[0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn caps_keys_per_lease() {
+    let m = MemoryBackend::new();
+    let w = writer(
+        &m,
+        SyncStoreConfig {
+            max_keys_per_lease: 10,
+            ..config()
+        },
+    );
+    for i in 0..35 {
+        w.upsert(&entry(i, 300));
+    }
+    idle(&w).await;
+    assert_eq!(w.leases().len(), 4, "35 keys at 10 per lease");
+    assert_eq!(m.leases().len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rewrites_everything_after_etcd_comes_back_empty() {
+    let m = MemoryBackend::new();
+    let (r, _events) = reader(&m);
+    let w = writer(&m, config());
+    let entries: Vec<IpcacheEntry> = (0..40).map(|i| entry(i, 300)).collect();
+    for e in &entries {
+        w.upsert(e);
+    }
+    w.synced();
+    idle(&w).await;
+    r.wait_until_synced().await;
+
+    m.wipe();
+    assert!(m.dump().is_empty());
+    // The next keep-alive finds the lease gone; everything goes back.
+    testkit::wait_until(
+        Duration::from_secs(60),
+        "the writer to restore its keys and canary",
+        || {
+            let ok = records(&m) == expected(&entries) && m.dump().contains_key(w.canary_key());
+            async move { ok }
+        },
+    )
+    .await;
+    assert!(w.stats().leases_lost.load(Ordering::Relaxed) >= 1);
+    assert_eq!(w.stats().canaries.load(Ordering::Relaxed), 2);
+    converged(&r, &expected(&entries)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarted_writer_adopts_and_deletes_stale_only_after_synced() {
+    let m = MemoryBackend::new();
+    let entries: Vec<IpcacheEntry> = (0..20).map(|i| entry(i, 300)).collect();
+    let first = writer(&m, config());
+    for e in &entries {
+        first.upsert(e);
+    }
+    first.synced();
+    idle(&first).await;
+    first.stop();
+
+    let second = writer(&m, config());
+    // The successor knows 19 of the 20, one of them changed.
+    let mut now = entries[..19].to_vec();
+    now[0] = entry(0, 301);
+    for e in &now {
+        second.upsert(e);
+    }
+    idle(&second).await;
+    assert!(
+        m.dump().contains_key(&entries[19].key()),
+        "a stale key stays until the initial sync is complete"
+    );
+    assert_eq!(
+        second.stats().puts.load(Ordering::Relaxed),
+        1,
+        "only the changed record is written"
+    );
+    second.synced();
+    idle(&second).await;
+    assert_eq!(records(&m), expected(&now));
+    assert_eq!(second.stats().deletes.load(Ordering::Relaxed), 1);
+    assert_eq!(second.stats().adopted.load(Ordering::Relaxed), 20);
+
+    // The adopted lease is kept alive: nothing expires past the TTL.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(records(&m), expected(&now));
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_writer_keys_expire_and_reader_reports_deletes() {
+    let m = MemoryBackend::new();
+    let (r, mut events) = reader(&m);
+    let w = writer(&m, config());
+    let entries: Vec<IpcacheEntry> = (0..10).map(|i| entry(i, 300)).collect();
+    for e in &entries {
+        w.upsert(e);
+    }
+    w.synced();
+    idle(&w).await;
+    converged(&r, &expected(&entries)).await;
+    drop(w);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    converged(&r, &BTreeMap::new()).await;
+    let mut deletes = 0;
+    while let Ok(ev) = events.try_recv() {
+        if matches!(ev, Event::Delete(_)) {
+            deletes += 1;
+        }
+    }
+    assert_eq!(deletes, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reader_relists_after_outage_and_sweeps_only_what_is_gone() {
+    let m = MemoryBackend::new();
+    for i in 0..10 {
+        let e = entry(i, 300);
+        m.seed(&e.key(), &e.encode());
+    }
+    let (r, mut events) = WatchStore::<IpcacheEntry>::spawn(
+        Arc::new(m.clone()),
+        scope(),
+        WatchStoreConfig::default(),
+    );
+    r.wait_until_synced().await;
+    assert_eq!(r.len(), 10);
+    while events.try_recv().is_ok() {}
+
+    m.set_available(false);
+    // While the reader is away: one key deleted, one changed, history compacted.
+    m.seed(&entry(1, 300).key(), &entry(1, 301).encode());
+    m.set_available(true);
+    m.unseed(&entry(0, 300).key());
+    m.compact(m.revision());
+    let mut want = expected(
+        &(1..10)
+            .map(|i| entry(i, if i == 1 { 301 } else { 300 }))
+            .collect::<Vec<_>>(),
+    );
+    want.remove(&entry(0, 300).key());
+    converged(&r, &want).await;
+    assert_eq!(*r.get(&entry(1, 300).key()).unwrap(), entry(1, 301));
+    let mut deleted = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if let Event::Delete(e) = ev {
+            deleted.push(e.key());
+        }
+    }
+    assert_eq!(
+        deleted,
+        [entry(0, 300).key()],
+        "only the missing key is reported deleted"
+    );
+    assert!(r.stats().restarts.load(Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejects_and_counts_invalid_records() {
+    let m = MemoryBackend::new();
+    let good = entry(1, 300);
+    m.seed(&good.key(), &good.encode());
+    m.seed("cilium/state/ip/v1/default/10.9.9.9", b"{not json");
+    m.seed("cilium/state/ip/v1/default/not-an-ip", &good.encode());
+    m.seed(&entry(2, 300).key(), &good.encode()); // key/value mismatch
+    let (r, _events) = WatchStore::<IpcacheEntry>::spawn(
+        Arc::new(m.clone()),
+        scope(),
+        WatchStoreConfig::default(),
+    );
+    r.wait_until_synced().await;
+    assert_eq!(r.len(), 1);
+    assert_eq!(r.stats().rejected.load(Ordering::Relaxed), 3);
+    assert_eq!(r.stats().rejected_by_reason().values().sum::<u64>(), 3);
+
+    // A held record whose value turns invalid is deleted.
+    m.seed(&good.key(), b"[]");
+    testkit::wait_until(
+        Duration::from_secs(5),
+        "the invalidated record to go",
+        || {
+            let ok = r.is_empty();
+            async move { ok }
+        },
+    )
+    .await;
+}
