@@ -624,7 +624,7 @@ fn clustermesh_command(cli: &Cli, cmd: &ClustermeshCommand) -> Result<ExitCode> 
                     nodes
                         .iter()
                         .find_map(|n| status::read_agent_status(&n.socket).ok())
-                        .map(|s| s.cluster)
+                        .map(|s| s.cluster_name)
                         .unwrap_or_default()
                 });
                 Ok(vec![status::aggregate(&name, &nodes, None)])

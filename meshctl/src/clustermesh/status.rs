@@ -84,8 +84,8 @@ pub struct AgentClusterStatus {
     pub num_shared_services: u64,
     /// Connection failures so far.
     pub num_failures: u64,
-    /// Records dropped by validation.
-    pub num_rejected: u64,
+    /// Records dropped by validation, by reason.
+    pub rejected: BTreeMap<String, u64>,
     /// When it last failed.
     pub last_failure: Option<String>,
 }
@@ -95,18 +95,36 @@ pub struct AgentClusterStatus {
 #[serde(rename_all = "kebab-case", default)]
 pub struct AgentStatus {
     /// The node's name.
-    #[serde(alias = "node-name")]
-    pub node: String,
+    pub node_name: String,
     /// The node's cluster.
-    #[serde(alias = "cluster-name")]
-    pub cluster: String,
+    pub cluster_name: String,
     /// Every cluster it reads (its own included).
-    #[serde(alias = "remote-clusters")]
     pub clusters: Vec<AgentClusterStatus>,
-    /// Global services it knows.
-    pub num_global_services: u64,
-    /// Problems it reports.
-    pub errors: Vec<String>,
+    /// Whether its session with the local apiserver is live (absent: none configured).
+    pub apiserver_connected: Option<bool>,
+    /// Pods on the node.
+    pub local_endpoints: u64,
+    /// Reconciler counters.
+    pub reconcile: ReconcileSummary,
+}
+
+/// The agent's reconciler counters that status shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct ReconcileSummary {
+    /// Completed passes.
+    pub runs: u64,
+    /// Failed map or tunnel writes.
+    pub errors: u64,
+    /// ipcache entries.
+    pub ipcache_entries: u64,
+}
+
+impl AgentStatus {
+    /// Shared services over every cluster it reads: the global services it can balance to.
+    pub fn global_services(&self) -> u64 {
+        self.clusters.iter().map(|c| c.num_shared_services).sum()
+    }
 }
 
 /// Reads one agent's status.
@@ -193,7 +211,7 @@ pub struct ClusterMeshStatus {
     pub nodes_connected_to_all: usize,
     /// Per remote cluster.
     pub remote_clusters: Vec<RemoteSummary>,
-    /// Global services known (maximum over nodes).
+    /// Shared services of every cluster the nodes read (maximum over nodes).
     pub global_services: u64,
     /// Records dropped by validation, over all remote clusters and nodes.
     pub rejected: u64,
@@ -261,12 +279,23 @@ pub fn aggregate(
             }
         };
         answering += 1;
-        global_services = global_services.max(status.num_global_services);
+        global_services = global_services.max(status.global_services());
         let mut all_ok = true;
-        for problem in &status.errors {
+        if status.apiserver_connected == Some(false) {
+            all_ok = false;
             errors.push(Problem {
                 node: node.node.clone(),
-                message: problem.clone(),
+                message: format!("no session with the clustermesh-apiserver of {cluster}"),
+                hint: format!(
+                    "check that the apiserver of {cluster} runs (meshctl lab status), {}",
+                    log_hint(node)
+                ),
+            });
+        }
+        if status.reconcile.errors > 0 {
+            errors.push(Problem {
+                node: node.node.clone(),
+                message: format!("{} failed datapath writes", status.reconcile.errors),
                 hint: log_hint(node),
             });
         }
@@ -299,7 +328,7 @@ pub fn aggregate(
             entry.endpoints = entry.endpoints.max(c.num_endpoints);
             entry.identities = entry.identities.max(c.num_identities);
             entry.services = entry.services.max(c.num_shared_services);
-            entry.rejected += c.num_rejected;
+            entry.rejected += c.rejected.values().sum::<u64>();
             entry.failures += c.num_failures;
             if !c.ready {
                 all_ok = false;
@@ -502,7 +531,8 @@ mod tests {
     fn remote(name: &str, ready: bool) -> serde_json::Value {
         serde_json::json!({"name": name, "ready": ready, "connected": ready,
             "status": if ready { "synced" } else { "dial tcp: connection refused" },
-            "num-nodes": 2, "num-endpoints": 3, "num-identities": 1, "num-rejected": 1})
+            "num-nodes": 2, "num-endpoints": 3, "num-identities": 1, "num-shared-services": 1,
+            "rejected": {"cluster-mismatch": 1}})
     }
 
     #[test]
@@ -514,13 +544,13 @@ mod tests {
         let n1 = serve(
             dir.path(),
             "n1.sock",
-            serde_json::json!({"node": "n1",
-            "clusters": [remote("c1", true), remote("c2", true)], "num-global-services": 2}),
+            serde_json::json!({"node-name": "n1", "cluster-name": "c1", "apiserver-connected": true,
+            "clusters": [remote("c1", true), remote("c2", true)]}),
         );
         let n2 = serve(
             dir.path(),
             "n2.sock",
-            serde_json::json!({"node": "n2",
+            serde_json::json!({"node-name": "n2",
             "clusters": [remote("c1", true), remote("c2", false)]}),
         );
         let source = |node: &str, socket: &Path| NodeSource {
@@ -548,12 +578,13 @@ mod tests {
                 nodes: 2,
                 endpoints: 3,
                 identities: 1,
-                services: 0,
+                services: 1,
                 rejected: 2,
                 failures: 0
             }]
         );
         assert_eq!(s.global_services, 2);
+        assert_eq!(s.agents["n1"].node_name, "n1");
         assert_eq!(s.errors.len(), 1);
         assert!(
             s.errors[0].message.contains("c2 not connected: dial tcp"),
