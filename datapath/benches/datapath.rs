@@ -107,7 +107,7 @@ fn test_run_bench() -> anyhow::Result<()> {
     }
     let local = frame([10, 1, 0, 1], [10, 1, 0, 2]);
     let remote = frame([10, 1, 0, 1], [10, 2, 7, 7]);
-    let mut ctx = vec![0u8; 192];
+    let mut ctx = [0u8; 192];
     ctx[48..52].copy_from_slice(&0x20005u32.to_ne_bytes());
     ctx[52..56].copy_from_slice(&u32::from(std::net::Ipv4Addr::new(192, 168, 1, 2)).to_ne_bytes());
     let overlay = frame([10, 2, 7, 7], [10, 1, 0, 2]);
