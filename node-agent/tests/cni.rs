@@ -1,0 +1,320 @@
+//! CNI round trip against a real agent: the `node-agent` binary runs in a
+//! private node namespace (`--netns`), the `mesh-cni` binary is invoked
+//! exactly as a container runtime does (environment + config on stdin), and
+//! the test checks the pod's namespace through `ip` and the datapath's
+//! `endpoints` map through its pin. Needs root and iproute2.
+
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+struct Lab {
+    node_ns: String,
+    pod_ns: Vec<String>,
+    dir: tempfile::TempDir,
+    agent: Option<Child>,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let tag = testkit::unique_name("mag");
+        let lab = Self {
+            node_ns: format!("{tag}-n"),
+            pod_ns: vec![format!("{tag}-p0"), format!("{tag}-p1")],
+            dir: tempfile::tempdir().expect("tempdir"),
+            agent: None,
+        };
+        remove_leftovers();
+        for ns in std::iter::once(&lab.node_ns).chain(&lab.pod_ns) {
+            ip(&["netns", "add", ns]);
+        }
+        lab
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn start_agent(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
+            .args([
+                "--cluster-name=c1",
+                "--cluster-id=1",
+                "--node-name=n1",
+                "--node-ip=192.168.1.2",
+                "--pod-cidr=10.1.1.0/24",
+                // Not contacted by this test (no remote clusters, no apiserver).
+                "--etcd-endpoints=http://127.0.0.1:2379",
+            ])
+            .arg(format!("--netns={}", self.node_ns))
+            .arg(format!("--bpffs={}", self.path("bpf").display()))
+            .arg(format!("--state-dir={}", self.path("state").display()))
+            .arg(format!("--cni-socket={}", self.path("cni.sock").display()))
+            .arg(format!(
+                "--status-socket={}",
+                self.path("status.sock").display()
+            ))
+            .env_remove("MESH_APISERVER")
+            .spawn()
+            .expect("start node-agent");
+        self.agent = Some(child);
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let status = self.path("status.sock");
+        testkit::eventually!(Duration::from_secs(30), "the agent's status socket", {
+            std::os::unix::net::UnixStream::connect(&status).is_ok()
+        });
+    }
+
+    fn cni(&self, command: &str, container: &str, netns: Option<&str>, conf: &str) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh-cni"));
+        cmd.env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container};MESH_LABELS=app=web,tier=fe"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(ns) = netns {
+            cmd.env("CNI_NETNS", format!("/run/netns/{ns}"));
+        }
+        let mut child = cmd.spawn().expect("run mesh-cni");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(conf.as_bytes())
+            .expect("write config");
+        child.wait_with_output().expect("mesh-cni output")
+    }
+
+    fn conf(&self) -> String {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"mesh","type":"mesh-cni","agentSocket":"{}"}}"#,
+            self.path("cni.sock").display()
+        )
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_agent();
+        for ns in std::iter::once(&self.node_ns).chain(&self.pod_ns) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("umount").arg(self.path("bpf")).status();
+    }
+}
+
+/// Namespaces of a crashed earlier run of this suite (prefix `mag-`).
+fn remove_leftovers() {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let pid_alive = name
+            .strip_prefix("mag-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+            .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if name.starts_with("mag-") && !pid_alive {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {:?} / stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn pod_ip(result: &serde_json::Value) -> Ipv4Addr {
+    let addr = result["ips"][0]["address"]
+        .as_str()
+        .expect("ips[0].address");
+    addr.trim_end_matches("/32").parse().expect("pod address")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cni_add_check_del_version_round_trip() {
+    if !testkit::require_root() || !testkit::require_binary("ip") {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.start_agent();
+    lab.wait_ready().await;
+    let conf = lab.conf();
+    let pod0 = lab.pod_ns[0].clone();
+    let pod1 = lab.pod_ns[1].clone();
+
+    // VERSION.
+    let out = lab.cni("VERSION", "", None, "");
+    assert!(out.status.success());
+    assert_eq!(
+        json(&out)["supportedVersions"],
+        serde_json::json!(["1.0.0"])
+    );
+
+    // ADD.
+    let out = lab.cni("ADD", "ctr0", Some(&pod0), &conf);
+    assert!(
+        out.status.success(),
+        "ADD failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let result = json(&out);
+    assert_eq!(result["cniVersion"], "1.0.0");
+    let ip0 = pod_ip(&result);
+    assert!(
+        "10.1.1.0/24"
+            .parse::<ipnet::Ipv4Net>()
+            .unwrap()
+            .contains(&ip0),
+        "{ip0} outside the pod CIDR"
+    );
+    assert_eq!(result["ips"][0]["gateway"], "169.254.1.1");
+    let host_if = result["interfaces"][0]["name"].as_str().unwrap().to_owned();
+
+    // The pod's namespace looks as the datapath expects.
+    let addr = ip(&["-n", &pod0, "-j", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains(&ip0.to_string()), "{addr}");
+    assert!(addr.contains("\"mtu\":1450"), "tunnel MTU expected: {addr}");
+    let routes = ip(&["-n", &pod0, "route", "show"]);
+    assert!(
+        routes.contains("default via 169.254.1.1 dev eth0"),
+        "{routes}"
+    );
+    let neigh = ip(&["-n", &pod0, "neigh", "show", "169.254.1.1"]);
+    assert!(neigh.contains("PERMANENT"), "{neigh}");
+    let host_link = ip(&["-n", &lab.node_ns, "-j", "link", "show", "dev", &host_if]);
+    let ifindex = json_ifindex(&host_link);
+
+    // The endpoints map has the pod at its veth.
+    let endpoints = datapath::Endpoints::open(&lab.path("bpf")).expect("endpoints pin");
+    let ep = endpoints
+        .get(ip0.into())
+        .expect("read endpoints map")
+        .expect("pod in the endpoints map");
+    assert_eq!(ep.ifindex, ifindex);
+
+    // CHECK succeeds and prints nothing.
+    let out = lab.cni("CHECK", "ctr0", Some(&pod0), &conf);
+    assert!(
+        out.status.success(),
+        "CHECK failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(out.stdout.is_empty());
+
+    // A restarted agent keeps the allocation: the next pod gets another address.
+    lab.stop_agent();
+    lab.start_agent();
+    lab.wait_ready().await;
+    let out = lab.cni("ADD", "ctr1", Some(&pod1), &conf);
+    assert!(
+        out.status.success(),
+        "ADD 2 failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let ip1 = pod_ip(&json(&out));
+    assert_ne!(ip0, ip1, "an address was handed out twice across a restart");
+    assert!(
+        endpoints.get(ip0.into()).unwrap().is_some(),
+        "restart removed pod 0"
+    );
+
+    // DEL, and DEL again.
+    for _ in 0..2 {
+        let out = lab.cni("DEL", "ctr0", Some(&pod0), &conf);
+        assert!(
+            out.status.success(),
+            "DEL failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert!(
+        endpoints.get(ip0.into()).unwrap().is_none(),
+        "DEL left the map entry"
+    );
+    let gone = Command::new("ip")
+        .args(["-n", &pod0, "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "DEL left eth0 in the pod");
+    // CHECK after DEL fails with a CNI error document.
+    let out = lab.cni("CHECK", "ctr0", Some(&pod0), &conf);
+    assert!(!out.status.success());
+    assert!(json(&out)["code"].as_u64().unwrap() >= 100);
+
+    // Bad input: the spec's codes.
+    let out = lab.cni("ADD", "ctr2", Some(&pod1), "{not json");
+    assert_eq!(json(&out)["code"], 6);
+    let out = lab.cni(
+        "ADD",
+        "ctr2",
+        Some(&pod1),
+        r#"{"cniVersion":"1.0.0","type":"mesh-cni"}"#,
+    );
+    assert_eq!(
+        json(&out)["code"],
+        7,
+        "missing name is an invalid network config"
+    );
+    let out = lab.cni("ADD", "ctr2", None, &conf);
+    assert_eq!(
+        json(&out)["code"],
+        4,
+        "missing CNI_NETNS is an invalid environment"
+    );
+    let out = lab.cni("ADD", "ctr2", Some("mag-does-not-exist"), &conf);
+    assert_eq!(
+        json(&out)["code"],
+        3,
+        "unknown namespace is an unknown container"
+    );
+
+    let out = lab.cni("DEL", "ctr1", Some(&pod1), &conf);
+    assert!(out.status.success());
+}
+
+fn json_ifindex(link_json: &str) -> u32 {
+    let v: serde_json::Value = serde_json::from_str(link_json).expect("ip -j output");
+    v[0]["ifindex"].as_u64().expect("ifindex") as u32
+}
