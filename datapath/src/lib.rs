@@ -33,7 +33,7 @@
 //! | `services` | hash | (frontend IP, port, proto) → backend count, Maglev id, flags | [`abi::ServiceKey`] / [`abi::ServiceValue`] |
 //! | `backends` | hash | backend id → IP, port, proto, cluster id, state | [`abi::BackendValue`] |
 //! | `policy` | hash | (endpoint, identity, port, proto, direction) → verdict, counters | [`abi::PolicyKey`] / [`abi::PolicyValue`] |
-//! | `dp_config` | array[1] | VXLAN ifindex, trace flag | [`Datapath::set_trace`], [`Datapath::attach_from_overlay`] |
+//! | `dp_config` | array (1 entry) | VXLAN ifindex, trace flag | [`Datapath::set_trace`], [`Datapath::attach_from_overlay`] |
 //! | `events` | ring buffer | drop and trace [`Event`]s | [`Datapath::events`] |
 //!
 //! Byte order: addresses in keys are network order (IPv4 in the first four
