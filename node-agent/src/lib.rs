@@ -20,6 +20,7 @@ pub mod config;
 pub mod ipam;
 pub mod netlink;
 pub mod pod;
+pub mod reconcile;
 pub mod registry;
 pub mod status;
 mod unix;
