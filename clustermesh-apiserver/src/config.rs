@@ -8,10 +8,9 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
+use api::{ClusterId, ClusterName, MaxConnectedClusters};
 use clap::Parser;
-use serde::Deserialize;
-
-use crate::validate;
+use kvstore::{EtcdConfig, TlsPaths};
 
 /// The flags of the `clustermesh-apiserver` binary, before validation.
 #[derive(Debug, Clone, Parser)]
@@ -63,27 +62,12 @@ pub enum Source {
     Standalone,
 }
 
-/// TLS files for the etcd connection (paths as given in the etcd config file).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdTls {
-    pub trusted_ca_file: PathBuf,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
-
-/// How to reach this cluster's etcd.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdConfig {
-    pub endpoints: Vec<String>,
-    pub tls: Option<EtcdTls>,
-}
-
 /// The validated configuration of one apiserver.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub cluster_name: String,
-    pub cluster_id: u32,
-    pub max_connected_clusters: u32,
+    pub cluster_name: ClusterName,
+    pub cluster_id: ClusterId,
+    pub max_connected_clusters: MaxConnectedClusters,
     pub etcd: EtcdConfig,
     pub grpc_listen: SocketAddr,
     pub health_listen: Option<SocketAddr>,
@@ -96,16 +80,14 @@ pub struct Config {
 }
 
 impl Config {
-    /// A configuration with the defaults of the binary, for tests and embedders.
-    pub fn new(cluster_name: &str, cluster_id: u32, etcd_endpoints: Vec<String>) -> Self {
+    /// A configuration with the defaults of the binary (gRPC on an ephemeral
+    /// loopback port, no health listener), for tests and embedders.
+    pub fn new(cluster_name: ClusterName, cluster_id: ClusterId, etcd: EtcdConfig) -> Self {
         Self {
-            cluster_name: cluster_name.to_owned(),
+            cluster_name,
             cluster_id,
-            max_connected_clusters: 255,
-            etcd: EtcdConfig {
-                endpoints: etcd_endpoints,
-                tls: None,
-            },
+            max_connected_clusters: MaxConnectedClusters::Max255,
+            etcd,
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             health_listen: None,
             source: Source::Standalone,
@@ -139,17 +121,6 @@ pub struct ConfigError(pub Vec<InvalidFlag>);
 impl ConfigError {
     /// The exit code for a bad configuration (`EX_USAGE`).
     pub const EXIT_CODE: i32 = 64;
-}
-
-/// The subset of Cilium's etcd config file that we read.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-struct EtcdConfigFile {
-    #[serde(default)]
-    endpoints: Vec<String>,
-    trusted_ca_file: Option<PathBuf>,
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -188,30 +159,30 @@ impl TryFrom<Args> for Config {
     fn try_from(args: Args) -> Result<Self, ConfigError> {
         let mut bad = Collector::default();
 
-        if let Err(e) = validate::cluster_name(&args.cluster_name) {
-            bad.push("cluster-name", &args.cluster_name, e);
-        }
+        let cluster_name = ClusterName::new(args.cluster_name.clone())
+            .map_err(|e| bad.push("cluster-name", &args.cluster_name, e.to_string()))
+            .ok();
         let max_connected_clusters = match args.max_connected_clusters.as_str() {
-            "255" => 255,
-            "511" => 511,
+            "255" => MaxConnectedClusters::Max255,
+            "511" => MaxConnectedClusters::Max511,
             other => {
                 bad.push("max-connected-clusters", other, "must be 255 or 511");
-                255
+                MaxConnectedClusters::Max255
             }
         };
         let cluster_id = match args.cluster_id.parse::<u32>() {
-            Ok(id) if (1..=max_connected_clusters).contains(&id) => id,
-            Ok(_) => {
-                bad.push(
-                    "cluster-id",
-                    &args.cluster_id,
-                    format!("must be in 1..={max_connected_clusters}"),
-                );
-                0
-            }
+            Ok(id) => ClusterId::from_u32(id, max_connected_clusters)
+                .map_err(|_| {
+                    bad.push(
+                        "cluster-id",
+                        &args.cluster_id,
+                        format!("must be in 1..={}", max_connected_clusters.max_cluster_id()),
+                    )
+                })
+                .ok(),
             Err(_) => {
                 bad.push("cluster-id", &args.cluster_id, "not a number");
-                0
+                None
             }
         };
 
@@ -233,86 +204,72 @@ impl TryFrom<Args> for Config {
         let identity_grace = bad.duration("identity-grace", &args.identity_grace);
         let drain_timeout = bad.duration("drain-timeout", &args.drain_timeout);
 
-        match (grpc_listen, source) {
-            (Some(grpc_listen), Some(source)) if bad.0.is_empty() => Ok(Config {
-                cluster_name: args.cluster_name,
-                cluster_id,
-                max_connected_clusters,
-                etcd,
-                grpc_listen,
-                health_listen,
-                source,
-                session_grace,
-                identity_grace,
-                drain_timeout,
-                heartbeat_interval: Duration::from_secs(60),
-            }),
+        match (cluster_name, cluster_id, etcd, grpc_listen, source) {
+            (Some(cluster_name), Some(cluster_id), Some(etcd), Some(grpc_listen), Some(source))
+                if bad.0.is_empty() =>
+            {
+                Ok(Config {
+                    cluster_name,
+                    cluster_id,
+                    max_connected_clusters,
+                    etcd,
+                    grpc_listen,
+                    health_listen,
+                    source,
+                    session_grace,
+                    identity_grace,
+                    drain_timeout,
+                    heartbeat_interval: Duration::from_secs(60),
+                })
+            }
             _ => Err(ConfigError(bad.0)),
         }
     }
 }
 
-fn etcd_config(args: &Args, bad: &mut Collector) -> EtcdConfig {
-    let mut config = EtcdConfig {
-        endpoints: Vec::new(),
-        tls: None,
-    };
-    match (&args.etcd_config, args.etcd_endpoints.is_empty()) {
-        (Some(path), true) => {
-            let shown = path.display().to_string();
-            match std::fs::read_to_string(path) {
-                Err(e) => bad.push("etcd-config", &shown, format!("cannot read: {e}")),
-                Ok(text) => match serde_yaml::from_str::<EtcdConfigFile>(&text) {
-                    Err(e) => bad.push("etcd-config", &shown, format!("not an etcd config: {e}")),
-                    Ok(file) => {
-                        if file.endpoints.is_empty() {
-                            bad.push("etcd-config", &shown, "lists no endpoints");
-                        }
-                        config.endpoints = file.endpoints;
-                        config.tls = match (file.trusted_ca_file, file.cert_file, file.key_file) {
-                            (None, None, None) => None,
-                            (Some(ca), cert, key) if cert.is_some() == key.is_some() => {
-                                Some(EtcdTls {
-                                    trusted_ca_file: ca,
-                                    cert_file: cert,
-                                    key_file: key,
-                                })
-                            }
-                            _ => {
-                                bad.push(
-                                    "etcd-config",
-                                    &shown,
-                                    "TLS needs trusted-ca-file, and cert-file and key-file together",
-                                );
-                                None
-                            }
-                        };
-                    }
-                },
-            }
-        }
-        (None, false) => config.endpoints = args.etcd_endpoints.clone(),
-        (None, true) => bad.push(
-            "etcd-endpoints",
-            "",
-            "one of --etcd-endpoints or --etcd-config is required",
-        ),
-        (Some(path), false) => bad.push(
-            "etcd-config",
-            &path.display().to_string(),
-            "give either --etcd-endpoints or --etcd-config, not both",
-        ),
-    }
-    for endpoint in &config.endpoints {
+fn etcd_config(args: &Args, bad: &mut Collector) -> Option<EtcdConfig> {
+    for endpoint in &args.etcd_endpoints {
         let ok = ["http://", "https://"]
             .iter()
             .find_map(|scheme| endpoint.strip_prefix(scheme))
             .is_some_and(|rest| !rest.is_empty());
         if !ok {
             bad.push("etcd-endpoints", endpoint, "not an http:// or https:// URL");
+            return None;
         }
     }
-    config
+    match (&args.etcd_config, args.etcd_endpoints.is_empty()) {
+        (Some(path), true) => EtcdConfig::from_file(path)
+            .map_err(|e| bad.push("etcd-config", &path.display().to_string(), e.to_string()))
+            .ok(),
+        (None, false) => {
+            EtcdConfig::from_endpoints(args.etcd_endpoints.clone(), &TlsPaths::default())
+                .map_err(|e| {
+                    bad.push(
+                        "etcd-endpoints",
+                        &args.etcd_endpoints.join(","),
+                        e.to_string(),
+                    )
+                })
+                .ok()
+        }
+        (None, true) => {
+            bad.push(
+                "etcd-endpoints",
+                "",
+                "one of --etcd-endpoints or --etcd-config is required",
+            );
+            None
+        }
+        (Some(path), false) => {
+            bad.push(
+                "etcd-config",
+                &path.display().to_string(),
+                "give either --etcd-endpoints or --etcd-config, not both",
+            );
+            None
+        }
+    }
 }
 
 /// Parses `500ms`, `30s`, `5m`, `1h` (one number, one unit).
@@ -361,7 +318,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.cluster_name, "c1");
-        assert_eq!(config.cluster_id, 3);
+        assert_eq!(config.cluster_id.get(), 3);
         assert_eq!(config.etcd.endpoints.len(), 2);
         assert_eq!(config.session_grace, Duration::from_millis(500));
         assert_eq!(config.health_listen, None);
@@ -408,29 +365,28 @@ mod tests {
             "--etcd-endpoints=http://127.0.0.1:2379",
         ])
         .unwrap();
-        assert_eq!(config.cluster_id, 400);
+        assert_eq!(config.cluster_id.get(), 400);
     }
 
     #[test]
     fn etcd_config_file_is_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("etcd.yaml");
-        std::fs::write(
-            &path,
-            "endpoints:\n- https://10.0.0.1:2379\ntrusted-ca-file: /ca.crt\ncert-file: /tls.crt\nkey-file: /tls.key\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "endpoints:\n- http://10.0.0.1:2379\n").unwrap();
         let config = args(&[
             "--cluster-name=c1",
             "--cluster-id=1",
             &format!("--etcd-config={}", path.display()),
         ])
         .unwrap();
-        assert_eq!(config.etcd.endpoints, ["https://10.0.0.1:2379"]);
-        assert_eq!(
-            config.etcd.tls.unwrap().cert_file.unwrap(),
-            PathBuf::from("/tls.crt")
-        );
+        assert_eq!(config.etcd.endpoints, ["http://10.0.0.1:2379"]);
+        let err = args(&[
+            "--cluster-name=c1",
+            "--cluster-id=1",
+            "--etcd-config=/nonexistent/etcd.yaml",
+        ])
+        .unwrap_err();
+        assert_eq!(err.0[0].flag, "etcd-config");
     }
 
     #[test]

@@ -5,8 +5,7 @@
 //! `cilium/state/identities/v1/id/<n>` (value: the label string) *is* the
 //! record other clusters read; beside it we keep a reverse index under our
 //! private prefix, `mesh/registry/v1/<cluster>/identities/<labels>` → `<n>`.
-//! Allocation is one etcd transaction that creates both keys only if neither
-//! exists, so:
+//! Allocation creates both keys only if absent (see [`KvIdentityBackend`]), so:
 //!
 //! * two apiservers of one cluster never hand out one number twice (the id key
 //!   is create-if-absent), and
@@ -41,7 +40,7 @@ pub enum IdentityError {
     Backend {
         operation: &'static str,
         #[source]
-        source: etcd_client::Error,
+        source: kvstore::BackendError,
     },
     #[error("identity key {key:?} holds an unparsable value {value:?}")]
     Corrupt { key: String, value: String },
@@ -275,30 +274,39 @@ impl<B: IdentityBackend> Allocator<B> {
     }
 }
 
-/// Identities in etcd: the Cilium id keys plus our private reverse index.
+/// Identities in a kvstore backend (etcd): the Cilium id keys plus our
+/// private reverse index.
+///
+/// kvstore offers single-key compare-and-swap, so a creation is three steps,
+/// each safe against a concurrent writer: (1) the index names the labels'
+/// number → done; (2) create the id key of a free number if absent (else the
+/// number is taken); (3) create the index if absent; if another writer won
+/// the labels meanwhile, delete our id key again and use theirs. A crash
+/// between (2) and (3) leaves an id key without index, which the next
+/// [`Allocator::load`] picks up by its labels.
 #[derive(Clone)]
-pub struct EtcdIdentityBackend {
-    client: etcd_client::Client,
+pub struct KvIdentityBackend {
+    backend: Arc<dyn kvstore::Backend>,
     index_prefix: String,
 }
 
-/// Prefix of the Cilium identity keys (a wire format: Cilium schema v1).
-pub const ID_PREFIX: &str = "cilium/state/identities/v1/id/";
-
-impl std::fmt::Debug for EtcdIdentityBackend {
+impl std::fmt::Debug for KvIdentityBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdIdentityBackend")
+        f.debug_struct("KvIdentityBackend")
             .field("index_prefix", &self.index_prefix)
             .finish_non_exhaustive()
     }
 }
 
-impl EtcdIdentityBackend {
+/// Prefix of the Cilium identity keys (a wire format: Cilium schema v1).
+pub const ID_PREFIX: &str = "cilium/state/identities/v1/id/";
+
+impl KvIdentityBackend {
     /// Backend for `cluster`, whose index lives under
     /// `mesh/registry/v1/<cluster>/identities/`.
-    pub fn new(client: etcd_client::Client, cluster: &str) -> Self {
+    pub fn new(backend: Arc<dyn kvstore::Backend>, cluster: &str) -> Self {
         Self {
-            client,
+            backend,
             index_prefix: format!("{}identities/", crate::persist::prefix(cluster)),
         }
     }
@@ -306,32 +314,60 @@ impl EtcdIdentityBackend {
     fn index_key(&self, labels: &str) -> String {
         format!("{}{labels}", self.index_prefix)
     }
+
+    async fn read_index(&self, labels: &str) -> Result<Option<u32>, IdentityError> {
+        let key = self.index_key(labels);
+        let Some(kv) = self
+            .backend
+            .get(&key)
+            .await
+            .map_err(backend_err("read identity index"))?
+        else {
+            return Ok(None);
+        };
+        let value = String::from_utf8_lossy(&kv.value).into_owned();
+        value
+            .parse()
+            .map(Some)
+            .map_err(|_| IdentityError::Corrupt { key, value })
+    }
+
+    async fn delete_id_if(&self, id: u32, labels: &str) -> Result<(), IdentityError> {
+        let key = format!("{ID_PREFIX}{id}");
+        if let Some(kv) = self
+            .backend
+            .get(&key)
+            .await
+            .map_err(backend_err("read identity"))?
+        {
+            if kv.value == labels.as_bytes() {
+                self.backend
+                    .delete_if_mod_revision(&key, kv.mod_revision)
+                    .await
+                    .map_err(backend_err("delete identity"))?;
+            }
+        }
+        Ok(())
+    }
 }
 
-fn backend_err(operation: &'static str) -> impl FnOnce(etcd_client::Error) -> IdentityError {
+fn backend_err(operation: &'static str) -> impl FnOnce(kvstore::BackendError) -> IdentityError {
     move |source| IdentityError::Backend { operation, source }
 }
 
 #[async_trait]
-impl IdentityBackend for EtcdIdentityBackend {
+impl IdentityBackend for KvIdentityBackend {
     async fn list(&self, range: RangeInclusive<u32>) -> Result<Vec<(u32, String)>, IdentityError> {
-        let mut client = self.client.clone();
-        let resp = client
-            .get(
-                ID_PREFIX,
-                Some(etcd_client::GetOptions::new().with_prefix()),
-            )
+        let listing = self
+            .backend
+            .list(ID_PREFIX)
             .await
             .map_err(backend_err("list identities"))?;
         let mut out = Vec::new();
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key());
-            let value = String::from_utf8_lossy(kv.value()).into_owned();
-            let Ok(id) = key[ID_PREFIX.len()..].parse::<u32>() else {
-                return Err(IdentityError::Corrupt {
-                    key: key.into_owned(),
-                    value,
-                });
+        for kv in listing.kvs {
+            let value = String::from_utf8_lossy(&kv.value).into_owned();
+            let Ok(id) = kv.key[ID_PREFIX.len()..].parse::<u32>() else {
+                return Err(IdentityError::Corrupt { key: kv.key, value });
             };
             if range.contains(&id) {
                 out.push((id, value));
@@ -341,59 +377,61 @@ impl IdentityBackend for EtcdIdentityBackend {
     }
 
     async fn create(&self, id: u32, labels: &str) -> Result<CreateOutcome, IdentityError> {
-        use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+        if let Some(existing) = self.read_index(labels).await? {
+            return Ok(CreateOutcome::Exists(existing));
+        }
         let id_key = format!("{ID_PREFIX}{id}");
-        let index_key = self.index_key(labels);
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(index_key.clone(), CompareOp::Equal, 0),
-                Compare::create_revision(id_key.clone(), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(id_key, labels, None),
-                TxnOp::put(index_key.clone(), id.to_string(), None),
-            ])
-            .or_else([TxnOp::get(index_key.clone(), None)]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
+        let created = self
+            .backend
+            .create_if_absent(&id_key, labels.as_bytes(), None)
             .await
             .map_err(backend_err("create identity"))?;
-        if resp.succeeded() {
-            return Ok(CreateOutcome::Created);
-        }
-        for op in resp.op_responses() {
-            if let TxnOpResponse::Get(get) = op {
-                if let Some(kv) = get.kvs().first() {
-                    let value = String::from_utf8_lossy(kv.value()).into_owned();
-                    return value.parse().map(CreateOutcome::Exists).map_err(|_| {
-                        IdentityError::Corrupt {
-                            key: index_key,
-                            value,
-                        }
-                    });
-                }
+        if !created {
+            // Ours from an interrupted earlier attempt? Then finish it.
+            let kv = self
+                .backend
+                .get(&id_key)
+                .await
+                .map_err(backend_err("read identity"))?;
+            if kv.is_none_or(|kv| kv.value != labels.as_bytes()) {
+                return Ok(CreateOutcome::Taken);
             }
         }
-        Ok(CreateOutcome::Taken)
+        let indexed = self
+            .backend
+            .create_if_absent(&self.index_key(labels), id.to_string().as_bytes(), None)
+            .await
+            .map_err(backend_err("create identity index"))?;
+        if indexed {
+            return Ok(CreateOutcome::Created);
+        }
+        match self.read_index(labels).await? {
+            Some(winner) if winner == id => Ok(CreateOutcome::Created),
+            Some(winner) => {
+                self.delete_id_if(id, labels).await?;
+                Ok(CreateOutcome::Exists(winner))
+            }
+            // The winner was released in between: our id key stands, retry.
+            None => Ok(CreateOutcome::Taken),
+        }
     }
 
     async fn delete(&self, id: u32, labels: &str) -> Result<(), IdentityError> {
-        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        let id_key = format!("{ID_PREFIX}{id}");
-        let txn = Txn::new()
-            .when([Compare::value(id_key.clone(), CompareOp::Equal, labels)])
-            .and_then([
-                TxnOp::delete(id_key, None),
-                TxnOp::delete(self.index_key(labels), None),
-            ]);
-        self.client
-            .clone()
-            .txn(txn)
+        let index = self.index_key(labels);
+        if let Some(kv) = self
+            .backend
+            .get(&index)
             .await
-            .map_err(backend_err("delete identity"))?;
-        Ok(())
+            .map_err(backend_err("read identity index"))?
+        {
+            if kv.value == id.to_string().as_bytes() {
+                self.backend
+                    .delete_if_mod_revision(&index, kv.mod_revision)
+                    .await
+                    .map_err(backend_err("delete identity index"))?;
+            }
+        }
+        self.delete_id_if(id, labels).await
     }
 }
 
@@ -403,8 +441,9 @@ mod tests {
     use std::sync::Mutex as StdMutex;
 
     /// Two maps behind one lock: the in-memory equivalent of the etcd txn.
+    type Maps = (BTreeMap<u32, String>, BTreeMap<String, u32>);
     #[derive(Debug, Default, Clone)]
-    struct Memory(Arc<StdMutex<(BTreeMap<u32, String>, BTreeMap<String, u32>)>>);
+    struct Memory(Arc<StdMutex<Maps>>);
 
     #[async_trait]
     impl IdentityBackend for Memory {
@@ -466,7 +505,7 @@ mod tests {
         a.release("k8s:app=web;").await;
         tokio::time::advance(GRACE).await;
         assert_eq!(a.collect_garbage().await.unwrap(), 1);
-        assert!(backend.0.lock().unwrap().0.get(&web).is_none());
+        assert!(!backend.0.lock().unwrap().0.contains_key(&web));
         assert!(backend.0.lock().unwrap().0.contains_key(&db));
     }
 

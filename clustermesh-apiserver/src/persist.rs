@@ -15,7 +15,8 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::GetOptions;
+use std::sync::Arc;
+
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
@@ -36,7 +37,7 @@ pub enum PersistError {
         operation: &'static str,
         key: String,
         #[source]
-        source: etcd_client::Error,
+        source: kvstore::BackendError,
     },
     #[error("encode {key:?}")]
     Encode {
@@ -59,7 +60,7 @@ pub struct Snapshot {
 /// Reads and writes the registry of one cluster.
 #[derive(Clone)]
 pub struct Persistence {
-    client: etcd_client::Client,
+    backend: Arc<dyn kvstore::Backend>,
     prefix: String,
 }
 
@@ -72,9 +73,9 @@ impl std::fmt::Debug for Persistence {
 }
 
 impl Persistence {
-    pub fn new(client: etcd_client::Client, cluster: &str) -> Self {
+    pub fn new(backend: Arc<dyn kvstore::Backend>, cluster: &str) -> Self {
         Self {
-            client,
+            backend,
             prefix: prefix(cluster),
         }
     }
@@ -109,25 +110,19 @@ impl Persistence {
     }
 
     async fn list(&self, prefix: &str) -> Result<BTreeMap<String, Vec<u8>>, PersistError> {
-        let resp = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
+        let listing = self
+            .backend
+            .list(prefix)
             .await
             .map_err(|source| PersistError::Etcd {
                 operation: "list",
                 key: prefix.to_owned(),
                 source,
             })?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.value().to_vec(),
-                )
-            })
+        Ok(listing
+            .kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value))
             .collect())
     }
 
@@ -136,9 +131,8 @@ impl Persistence {
             key: key.clone(),
             source,
         })?;
-        self.client
-            .clone()
-            .put(key.clone(), bytes, None)
+        self.backend
+            .put(&key, &bytes, None)
             .await
             .map_err(|source| PersistError::Etcd {
                 operation: "put",
@@ -149,9 +143,8 @@ impl Persistence {
     }
 
     async fn delete(&self, key: String) -> Result<(), PersistError> {
-        self.client
-            .clone()
-            .delete(key.clone(), None)
+        self.backend
+            .delete(&key)
             .await
             .map_err(|source| PersistError::Etcd {
                 operation: "delete",
