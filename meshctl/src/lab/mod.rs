@@ -305,9 +305,10 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
     if let Ok(existing) = LabState::load(&opts.name, &dir) {
         if same_shape(&existing, &wanted) && healthy(&existing) {
             progress.note(format!(
-                "lab {} is up already ({} clusters x {} nodes); nothing to do",
+                "lab {} is up already ({} clusters x {} nodes); nothing to rebuild",
                 opts.name, opts.clusters, opts.nodes
             ));
+            wait_status(&existing, opts.wait, progress)?;
             return Ok(existing);
         }
     }
@@ -418,11 +419,7 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
                 })?;
         }
     }
-    if let Some(wait) = opts.wait {
-        progress
-            .step("waiting for clustermesh status to be ready")
-            .run(|| crate::clustermesh::status::wait_ready(&lab, None, wait).map(drop))?;
-    }
+    wait_status(&lab, opts.wait, progress)?;
     Ok(lab)
 }
 
@@ -449,6 +446,19 @@ pub fn build_topology(lab: &LabState) -> Result<(), LabError> {
     create_underlay(&lab.name)?;
     for cluster in &lab.clusters {
         create_cluster_netns(&lab.name, cluster)?;
+    }
+    Ok(())
+}
+
+fn wait_status(
+    lab: &LabState,
+    wait: Option<Duration>,
+    progress: &Progress,
+) -> Result<(), LabError> {
+    if let Some(wait) = wait {
+        progress
+            .step("waiting for clustermesh status to be ready")
+            .run(|| crate::clustermesh::status::wait_ready(lab, None, wait).map(drop))?;
     }
     Ok(())
 }
