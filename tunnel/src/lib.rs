@@ -11,7 +11,7 @@
 //! | `--routing` | `--encryption` | data path | configured here |
 //! |---|---|---|---|
 //! | tunnel | none | eBPF sets the tunnel key (remote node, identity in the VNI) and redirects to the VXLAN device | [`ensure_vxlan`]: one VXLAN device in external mode; no routes, no peers |
-//! | tunnel | wireguard | as above, then the VXLAN packet (UDP to port 4789 of the remote node) is routed into the WireGuard device, encrypted, and sent as UDP to port 51871 | the VXLAN device; a [`WireguardDevice`] with one peer per remote node, allowed IPs = its underlay /32; per remote node `underlay/32 dev wg` in table 2004; one rule "UDP dport 4789 → table 2004" |
+//! | tunnel | wireguard | as above, then the VXLAN packet (UDP to port 4789 of the remote node) is routed into the WireGuard device, encrypted, and sent as UDP to port 51871 | the VXLAN device; a [`WireguardDevice`] with one peer per remote node, allowed IPs = its underlay /32; per remote node `underlay/32 dev wg src <own underlay>` in table 2004; one rule "UDP dport 4789 → table 2004" |
 //! | native | none | the kernel routes pod CIDRs to the remote node's underlay address (peered VPCs) | `pod_cidr via underlay` per remote node |
 //! | native | wireguard | the kernel routes remote pod CIDRs into the WireGuard device | a [`WireguardDevice`], peers with allowed IPs = the node's pod CIDRs; `pod_cidr dev wg` per remote node |
 //!
@@ -52,7 +52,7 @@
 //!     encryption: routes::Encryption::Wireguard,
 //! };
 //! let remotes: Vec<routes::RemoteNode> = Vec::new(); // from the node records
-//! let plan = routes::plan(mode, &remotes, &routes::TunnelParams::new("mesh_wg"));
+//! let plan = routes::plan(mode, &remotes, &routes::TunnelParams::new("mesh_wg", "192.168.1.2".parse()?));
 //! wg.set_peers(plan.peers)?;
 //! routes::apply_routes(&netlink, &plan.routes).await?;
 //! routes::apply_rules(&netlink, &plan.rules).await?;

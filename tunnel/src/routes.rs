@@ -83,9 +83,14 @@ pub struct RemoteNode {
     pub wireguard_public_key: Option<PublicKey>,
 }
 
-/// Device names, ports and table numbers of this node.
+/// Device names, addresses, ports and table numbers of this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TunnelParams {
+    /// This node's underlay address: the source of VXLAN packets routed into
+    /// WireGuard (the remote peer only accepts its peer's underlay address
+    /// there; without it the kernel would pick the WireGuard device's own
+    /// address).
+    pub local_underlay_ip: IpAddr,
     /// The WireGuard device.
     pub wireguard_device: String,
     /// The WireGuard port of remote nodes.
@@ -100,8 +105,9 @@ pub struct TunnelParams {
 
 impl TunnelParams {
     /// Defaults: port 51871 and 4789, table 2004, rule priority 1000.
-    pub fn new(wireguard_device: impl Into<String>) -> Self {
+    pub fn new(wireguard_device: impl Into<String>, local_underlay_ip: IpAddr) -> Self {
         Self {
+            local_underlay_ip,
             wireguard_device: wireguard_device.into(),
             wireguard_port: crate::wireguard::DEFAULT_LISTEN_PORT,
             vxlan_port: crate::vxlan::DEFAULT_VXLAN_PORT,
@@ -129,6 +135,8 @@ pub struct Route {
     pub destination: IpNet,
     /// Next hop.
     pub next_hop: NextHop,
+    /// Preferred source address (`src` in `ip route`).
+    pub source: Option<IpAddr>,
 }
 
 /// A policy rule of the tunnel layer: UDP to `dport` looks up `table`.
@@ -237,6 +245,7 @@ pub fn plan(mode: RoutingMode, remotes: &[RemoteNode], params: &TunnelParams) ->
                     table: MAIN_TABLE,
                     destination,
                     next_hop: NextHop::Gateway(node.underlay_ip),
+                    source: None,
                 }));
                 continue;
             }
@@ -245,6 +254,8 @@ pub fn plan(mode: RoutingMode, remotes: &[RemoteNode], params: &TunnelParams) ->
                     table: params.encryption_table,
                     destination: underlay_net,
                     next_hop: wg(),
+                    source: (params.local_underlay_ip.is_ipv4() == node.underlay_ip.is_ipv4())
+                        .then_some(params.local_underlay_ip),
                 });
                 rules.insert(Rule {
                     ipv6: node.underlay_ip.is_ipv6(),
@@ -259,6 +270,7 @@ pub fn plan(mode: RoutingMode, remotes: &[RemoteNode], params: &TunnelParams) ->
                     table: MAIN_TABLE,
                     destination,
                     next_hop: wg(),
+                    source: None,
                 }));
                 cidrs
             }
@@ -393,12 +405,14 @@ fn parse_route(message: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<
     let mut destination = None;
     let mut gateway = None;
     let mut oif = None;
+    let mut source = None;
     for attr in &message.attributes {
         match attr {
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Destination(address) => destination = route_ip(address),
             RouteAttribute::Gateway(address) => gateway = route_ip(address),
             RouteAttribute::Oif(index) => oif = Some(*index),
+            RouteAttribute::PrefSource(address) => source = route_ip(address),
             _ => {}
         }
     }
@@ -416,6 +430,7 @@ fn parse_route(message: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<
         table,
         destination,
         next_hop,
+        source,
     })
 }
 
@@ -437,6 +452,11 @@ async fn route_message(netlink: &Netlink, route: &Route) -> Result<RouteMessage,
         .map_err(|e| invalid(e.to_string()))?
         .table_id(route.table)
         .protocol(protocol());
+    if let Some(source) = route.source {
+        builder = builder
+            .pref_source(source)
+            .map_err(|e| invalid(e.to_string()))?;
+    }
     builder = match &route.next_hop {
         NextHop::Gateway(gateway) => builder
             .gateway(*gateway)
@@ -669,7 +689,7 @@ mod tests {
         let plan = plan(
             mode(Routing::Tunnel, Encryption::None),
             &remotes,
-            &TunnelParams::new("wg0"),
+            &TunnelParams::new("wg0", "192.168.1.1".parse().unwrap()),
         );
         assert_eq!(plan, Plan::default());
     }
@@ -678,7 +698,7 @@ mod tests {
     fn vxlan_over_wireguard_routes_underlay_into_wg_for_vxlan_port_only() {
         let k = key();
         let remotes = [node("c2/n1", "192.168.2.1", &["10.2.1.0/24"], Some(k))];
-        let params = TunnelParams::new("wg0");
+        let params = TunnelParams::new("wg0", "192.168.1.1".parse().unwrap());
         let plan = plan(
             mode(Routing::Tunnel, Encryption::Wireguard),
             &remotes,
@@ -690,6 +710,7 @@ mod tests {
                 table: DEFAULT_ENCRYPTION_TABLE,
                 destination: net("192.168.2.1/32"),
                 next_hop: NextHop::Device("wg0".into()),
+                source: Some("192.168.1.1".parse().unwrap()),
             }])
         );
         assert_eq!(
@@ -726,12 +747,13 @@ mod tests {
         let plan = plan(
             mode(Routing::Native, Encryption::None),
             &remotes,
-            &TunnelParams::new("wg0"),
+            &TunnelParams::new("wg0", "192.168.1.1".parse().unwrap()),
         );
         let via = |cidr: &str, gw: &str| Route {
             table: MAIN_TABLE,
             destination: net(cidr),
             next_hop: NextHop::Gateway(gw.parse().unwrap()),
+            source: None,
         };
         assert_eq!(
             plan.routes,
@@ -752,7 +774,7 @@ mod tests {
         let plan = plan(
             mode(Routing::Native, Encryption::Wireguard),
             &remotes,
-            &TunnelParams::new("wg0"),
+            &TunnelParams::new("wg0", "192.168.1.1".parse().unwrap()),
         );
         assert_eq!(
             plan.routes,
@@ -760,6 +782,7 @@ mod tests {
                 table: MAIN_TABLE,
                 destination: net("10.2.1.0/24"),
                 next_hop: NextHop::Device("wg0".into()),
+                source: None,
             }])
         );
         assert_eq!(plan.peers[0].allowed_ips, vec![net("10.2.1.0/24")]);
@@ -772,7 +795,7 @@ mod tests {
         let plan = plan(
             mode(Routing::Native, Encryption::Wireguard),
             &remotes,
-            &TunnelParams::new("wg0"),
+            &TunnelParams::new("wg0", "192.168.1.1".parse().unwrap()),
         );
         assert_eq!(
             plan.routes.len(),
@@ -794,7 +817,7 @@ mod tests {
             Some(k),
         );
         let m = mode(Routing::Native, Encryption::Wireguard);
-        let params = TunnelParams::new("wg0");
+        let params = TunnelParams::new("wg0", "192.168.1.1".parse().unwrap());
         let forward = plan(m, &[a.clone(), b.clone()], &params);
         let backward = plan(m, &[b, a], &params);
         assert_eq!(forward, backward);
@@ -839,6 +862,7 @@ mod tests {
                 table: 2004,
                 destination: net("10.2.0.0/16"),
                 next_hop: NextHop::Device("wg0".into()),
+                source: None,
             })
         );
         message

@@ -470,7 +470,7 @@ fn route_and_rule_diffs_touch_only_their_own_entries() {
         routing: Routing::Tunnel,
         encryption: routes::Encryption::Wireguard,
     };
-    let params = TunnelParams::new("mesh_wg");
+    let params = TunnelParams::new("mesh_wg", "192.168.78.1".parse().unwrap());
     let remotes = vec![
         RemoteNode {
             name: "c2/n1".into(),
@@ -521,6 +521,7 @@ fn route_and_rule_diffs_touch_only_their_own_entries() {
                     table: routes::MAIN_TABLE,
                     destination: "10.2.1.0/24".parse().unwrap(),
                     next_hop: NextHop::Gateway("192.168.78.2".parse().unwrap()),
+                    source: None,
                 }])
             );
             routes::apply_rules(nl, &BTreeSet::<Rule>::new())
@@ -533,6 +534,7 @@ fn route_and_rule_diffs_touch_only_their_own_entries() {
                 table: routes::MAIN_TABLE,
                 destination: "10.55.0.0/16".parse().unwrap(),
                 next_hop: NextHop::Gateway("192.168.78.2".parse().unwrap()),
+                source: None,
             }]);
             let err = routes::apply_routes(nl, &clash).await.unwrap_err();
             assert!(matches!(err, routes::RouteError::Conflict { .. }), "{err}");
@@ -556,5 +558,112 @@ fn route_and_rule_diffs_touch_only_their_own_entries() {
     assert!(
         main.contains("via 192.168.78.2"),
         "foreign main route was removed: {main}"
+    );
+}
+
+/// "Encryption on top of tunnel routing": VXLAN packets between the nodes are
+/// routed into WireGuard by the plan's rule and table, so the underlay sees
+/// only WireGuard. (The test's VXLAN device has a fixed VNI and remote, as
+/// the external-mode device needs the eBPF datapath to set tunnel keys; the
+/// routing of the outer packets is the same.)
+#[test]
+fn vxlan_over_wireguard_by_plan_leaves_only_wireguard_on_the_underlay() {
+    if !prerequisites(&["ip", "tcpdump"]) {
+        return;
+    }
+    let pair = wireguard_pair();
+    let sides = [
+        (
+            &pair.node_a,
+            &pair.a,
+            "192.168.77.2",
+            pair.key_b,
+            "10.97.0.1/24",
+        ),
+        (
+            &pair.node_b,
+            &pair.b,
+            "192.168.77.1",
+            pair.key_a,
+            "10.97.0.2/24",
+        ),
+    ];
+    for (node, ns, remote, remote_key, overlay) in sides {
+        let local = if remote == "192.168.77.1" {
+            "192.168.77.2"
+        } else {
+            "192.168.77.1"
+        };
+        ns_sh(
+            ns,
+            &[
+                "ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "remote", remote,
+                "dstport", "4789",
+            ],
+        );
+        ns_sh(ns, &["ip", "link", "set", "vx0", "mtu", "1370", "up"]);
+        ns_sh(ns, &["ip", "addr", "add", overlay, "dev", "vx0"]);
+        let remotes = vec![RemoteNode {
+            name: format!("c2/{remote}"),
+            underlay_ip: remote.parse().unwrap(),
+            pod_cidrs: vec![],
+            wireguard_public_key: Some(remote_key),
+        }];
+        let mode = RoutingMode {
+            routing: Routing::Tunnel,
+            encryption: routes::Encryption::Wireguard,
+        };
+        let plan = routes::plan(
+            mode,
+            &remotes,
+            &TunnelParams::new("mesh_wg", local.parse().unwrap()),
+        );
+        assert!(plan.rejected.is_empty(), "{:?}", plan.rejected);
+        node.run("applying the plan", move |rt, node| {
+            node.wg.as_mut().unwrap().set_peers(plan.peers).unwrap();
+            rt.block_on(async {
+                routes::apply_routes(&node.netlink, &plan.routes)
+                    .await
+                    .unwrap();
+                routes::apply_rules(&node.netlink, &plan.rules)
+                    .await
+                    .unwrap();
+            });
+        });
+    }
+
+    let _server = CountingServer::start(&pair.b, "0.0.0.0:7777".parse().unwrap());
+    let capture = Capture::start(&pair.b, "ub", pair._state.path().join("vxlan.pcap"));
+    let payload: Vec<u8> = MARKER
+        .iter()
+        .copied()
+        .cycle()
+        .take(MARKER.len() * 2000)
+        .collect();
+    let to_b: SocketAddr = "10.97.0.2:7777".parse().unwrap();
+    let received = tcp_exchange_eventually(&pair.a, to_b, &payload, Duration::from_secs(10));
+    assert_eq!(
+        received,
+        payload.len(),
+        "bytes through vxlan over wireguard"
+    );
+    let frames = capture.finish();
+    let mut wireguard_frames = 0;
+    for frame in &frames {
+        assert!(
+            !contains(frame, MARKER),
+            "the payload marker crossed the underlay in clear"
+        );
+        match classify(frame) {
+            Frame::Arp => {}
+            Frame::Udp { sport, dport } if sport == WG_PORT && dport == WG_PORT => {
+                wireguard_frames += 1
+            }
+            other => panic!("unexpected frame on the underlay (vxlan in clear?): {other:?}"),
+        }
+    }
+    assert!(
+        wireguard_frames > payload.len() / 1500,
+        "only {wireguard_frames} wireguard frames"
     );
 }
