@@ -171,6 +171,30 @@ fn wireguard_pair() -> Pair {
     }
 }
 
+/// Asserts that the underlay carried nothing but ARP and WireGuard UDP
+/// between the WireGuard ports, enough of it for `payload_len` bytes, and
+/// never the payload marker.
+fn assert_only_wireguard(frames: &[Vec<u8>], payload_len: usize) {
+    let mut wireguard_frames = 0;
+    for frame in frames {
+        assert!(
+            !contains(frame, MARKER),
+            "the payload marker crossed the underlay in clear"
+        );
+        match classify(frame) {
+            Frame::Arp => {}
+            Frame::Udp { sport, dport } if sport == WG_PORT && dport == WG_PORT => {
+                wireguard_frames += 1
+            }
+            other => panic!("unexpected frame on the underlay (traffic in clear?): {other:?}"),
+        }
+    }
+    assert!(
+        wireguard_frames > payload_len / 1500,
+        "only {wireguard_frames} wireguard frames for {payload_len} bytes"
+    );
+}
+
 fn set_peers(node: &NsThread<Node>, peers: Vec<PeerConfig>) -> tunnel::PeerChanges {
     node.run("setting peers", move |_, node| {
         node.wg.as_mut().unwrap().set_peers(peers).unwrap()
@@ -231,25 +255,7 @@ fn wireguard_carries_tcp_encrypted_and_survives_peer_changes() {
     assert_eq!(received, payload.len(), "bytes through the tunnel");
     let frames = capture.finish();
 
-    let mut wireguard_frames = 0;
-    for frame in &frames {
-        assert!(
-            !contains(frame, MARKER),
-            "the payload marker crossed the underlay in clear"
-        );
-        match classify(frame) {
-            Frame::Arp => {}
-            Frame::Udp { sport, dport } if sport == WG_PORT && dport == WG_PORT => {
-                wireguard_frames += 1
-            }
-            other => panic!("unexpected frame on the underlay: {other:?}"),
-        }
-    }
-    assert!(
-        wireguard_frames > payload.len() / 1500,
-        "only {wireguard_frames} wireguard frames for {} bytes",
-        payload.len()
-    );
+    assert_only_wireguard(&frames, payload.len());
 
     // A second address on B's device is outside what A accepts from B ...
     pair.node_b.run("adding 10.99.1.2", |rt, node| {
@@ -648,22 +654,5 @@ fn vxlan_over_wireguard_by_plan_leaves_only_wireguard_on_the_underlay() {
         "bytes through vxlan over wireguard"
     );
     let frames = capture.finish();
-    let mut wireguard_frames = 0;
-    for frame in &frames {
-        assert!(
-            !contains(frame, MARKER),
-            "the payload marker crossed the underlay in clear"
-        );
-        match classify(frame) {
-            Frame::Arp => {}
-            Frame::Udp { sport, dport } if sport == WG_PORT && dport == WG_PORT => {
-                wireguard_frames += 1
-            }
-            other => panic!("unexpected frame on the underlay (vxlan in clear?): {other:?}"),
-        }
-    }
-    assert!(
-        wireguard_frames > payload.len() / 1500,
-        "only {wireguard_frames} wireguard frames"
-    );
+    assert_only_wireguard(&frames, payload.len());
 }
