@@ -108,6 +108,23 @@ pub enum LabCommand {
     /// Add or delete pods.
     #[command(subcommand)]
     Pod(PodCommand),
+    /// Send one request from one pod to another's echo server:
+    /// `lab probe c1/echo-c1-n1 c2/echo-c2-n1 --proto tcp`.
+    Probe {
+        /// `<cluster>/<pod>` to send from.
+        from: String,
+        /// `<cluster>/<pod>` to send to (it must run an echo server for tcp/udp).
+        to: String,
+        /// Protocol.
+        #[arg(long, value_enum, default_value_t = ProbeProto::Tcp)]
+        proto: ProbeProto,
+        /// Message to send.
+        #[arg(long, default_value = "hello")]
+        message: String,
+        /// Give up after.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        timeout: Duration,
+    },
     /// Run a command in a pod's network namespace: `lab exec c1/echo-c1-n1 -- ip addr`.
     Exec {
         /// `<cluster>/<pod>`.
@@ -418,6 +435,36 @@ fn lab_command(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 }
             };
             pod::del(&mut state, &bins, &cluster, &name)?;
+        }
+        LabCommand::Probe {
+            from,
+            to,
+            proto,
+            message,
+            timeout,
+        } => {
+            let state = load(cli)?;
+            let (fc, fpod) = plan::parse_cluster_pod(from)?;
+            let (tc, tpod) = plan::parse_cluster_pod(to)?;
+            let source = pod::lookup(&state, &plan::cluster_name(fc), &fpod)?.clone();
+            let target = pod::lookup(&state, &plan::cluster_name(tc), &tpod)?.clone();
+            let ip = target
+                .ip
+                .with_context(|| format!("pod {to} has no address"))?;
+            let args = ProbeArgs {
+                proto: *proto,
+                target: ip.to_string(),
+                message: message.clone(),
+                timeout: *timeout,
+            };
+            println!(
+                "{from} ({}) -> {to} ({ip}), {proto:?}",
+                source.ip.map_or("-".into(), |i| i.to_string())
+            );
+            return lab::ip::in_netns(&source.netns, move || {
+                probe(&args).map_err(|e| format!("{e:#}"))
+            })?
+            .map_err(anyhow::Error::msg);
         }
         LabCommand::Exec { pod: addr, command } => {
             let state = load(cli)?;

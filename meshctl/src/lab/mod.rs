@@ -667,7 +667,10 @@ fn start_apiserver(
         log: layout
             .logs()
             .join(format!("apiserver-{}.log", cluster.name)),
-        env: vec![("RUST_LOG".into(), "info".into())],
+        env: vec![
+            ("RUST_LOG".into(), "info".into()),
+            ("NO_COLOR".into(), "1".into()),
+        ],
     })?;
     let what = format!(
         "clustermesh-apiserver of {} to accept gRPC connections on {grpc}",
@@ -728,7 +731,10 @@ fn start_agent(
         program: bins.agent.clone(),
         args,
         log: layout.logs().join(format!("agent-{}.log", node.name)),
-        env: vec![("RUST_LOG".into(), "info".into())],
+        env: vec![
+            ("RUST_LOG".into(), "info".into()),
+            ("NO_COLOR".into(), "1".into()),
+        ],
     })?;
     let what = format!(
         "node agent {} to serve its status on {}",
