@@ -5,6 +5,9 @@
 //!   clang fail instead of skipping. This is the command `.ci/run` runs.
 //! * `bench`: every benchmark of the workspace; each prints a ratio against a baseline
 //!   measured in the same run.
+//! * `demo`: `deps`, build, then a two-cluster lab (`meshctl lab up`), one cross-cluster
+//!   request from a pod of `c1` to a pod of `c2`, and `meshctl clustermesh status`. The lab
+//!   stays up for exploring; `target/debug/meshctl lab down --name demo` removes it.
 
 use std::process::Command;
 
@@ -46,6 +49,12 @@ enum Cmd {
     },
     /// Run every benchmark (each prints its ratio against an in-run baseline).
     Bench,
+    /// Build, bring up a two-cluster lab, show a cross-cluster request and the mesh status.
+    Demo {
+        /// Encryption between nodes: `none` or `wireguard`.
+        #[arg(long, default_value = "none")]
+        encryption: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -59,7 +68,65 @@ fn main() -> Result<()> {
             deps()?;
             run(Command::new(cargo()).args(["bench", "--workspace"]))
         }
+        Cmd::Demo { encryption } => {
+            deps()?;
+            demo(&encryption)
+        }
     }
+}
+
+/// The lab the demo brings up and leaves running.
+const DEMO_LAB: &str = "demo";
+
+fn demo(encryption: &str) -> Result<()> {
+    if !is_root() {
+        bail!("the lab needs root (network namespaces, eBPF): run `cargo xtask demo` as root");
+    }
+    run(Command::new(cargo()).args(["build", "--workspace", "--bins"]))?;
+    let meshctl = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug/meshctl")
+        .canonicalize()
+        .context("finding target/debug/meshctl after the build")?;
+    let meshctl = |args: &[&str]| -> Result<()> {
+        eprintln!("\n$ meshctl {}", args.join(" "));
+        run(Command::new(&meshctl).args(args))
+    };
+    meshctl(&[
+        "lab",
+        "up",
+        "--name",
+        DEMO_LAB,
+        "--clusters",
+        "2",
+        "--nodes",
+        "2",
+        "--encryption",
+        encryption,
+    ])?;
+    meshctl(&[
+        "lab",
+        "probe",
+        "--name",
+        DEMO_LAB,
+        "c1/echo-c1-n1",
+        "c2/echo-c2-n2",
+    ])?;
+    meshctl(&[
+        "lab",
+        "probe",
+        "--name",
+        DEMO_LAB,
+        "c2/echo-c2-n1",
+        "c1/echo-c1-n2",
+        "--proto",
+        "udp",
+    ])?;
+    meshctl(&["clustermesh", "status", "--name", DEMO_LAB])?;
+    eprintln!(
+        "\nthe lab is up: try `target/debug/meshctl lab status --name {DEMO_LAB}`; \
+         remove it with `target/debug/meshctl lab down --name {DEMO_LAB}`"
+    );
+    Ok(())
 }
 
 fn cargo() -> String {
