@@ -262,11 +262,19 @@ impl Server {
             Arc::clone(&state),
         ));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let stopping = Arc::clone(&state);
+        // Session streams never finish by themselves: end them when shutdown
+        // begins, or the graceful shutdown would wait for them forever.
+        let shutdown = async move {
+            shutdown.await;
+            stopping.shut_down();
+        };
         let result = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(RunError::Grpc);
+        state.shut_down();
 
         info!("shutting down: draining the export");
         let _ = stop_tx.send(true);

@@ -23,7 +23,7 @@ use std::{
 
 use futures::Stream;
 use mesh_proto::v1 as pb;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
@@ -73,6 +73,9 @@ pub struct State<B: IdentityBackend> {
     sessions: StdMutex<Sessions>,
     session_grace: Duration,
     pub(crate) counters: Counters,
+    /// Set when the server shuts down: session streams end, grace timers are
+    /// dropped (a successor restores the nodes and starts its own).
+    shutdown: watch::Sender<bool>,
 }
 
 impl<B: IdentityBackend> std::fmt::Debug for State<B> {
@@ -105,7 +108,13 @@ impl<B: IdentityBackend> State<B> {
             sessions: StdMutex::new(Sessions::default()),
             session_grace,
             counters: Counters::default(),
+            shutdown: watch::Sender::new(false),
         }
+    }
+
+    /// Ends every session stream and grace timer; nothing is removed.
+    pub(crate) fn shut_down(&self) {
+        self.shutdown.send_replace(true);
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
@@ -183,9 +192,13 @@ impl<B: IdentityBackend> State<B> {
         }
         info!(node = %node, grace = ?self.session_grace, "session ended; node removed after the grace period unless it reconnects");
         let state = Arc::clone(self);
+        let mut shutdown = self.shutdown.subscribe();
         tokio::spawn(
             async move {
-                tokio::time::sleep(state.session_grace).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(state.session_grace) => {}
+                    () = stopped(&mut shutdown) => return,
+                }
                 {
                     let mut sessions = state.sessions();
                     match sessions.by_node.get(&node) {
@@ -307,6 +320,12 @@ impl<B: IdentityBackend> State<B> {
     }
 }
 
+/// Completes once shutdown has begun.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`: drop it here.
+    let _ = rx.wait_for(|stop| *stop).await.map(|_| ());
+}
+
 fn new_session_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
@@ -341,12 +360,14 @@ impl<B: IdentityBackend> pb::registry_server::Registry for RegistryService<B> {
         // Capacity 4: the first send cannot fail for lack of room.
         let _ = tx.try_send(Ok(opened));
         let state = Arc::clone(&self.0);
+        let mut shutdown = self.0.shutdown.subscribe();
         tokio::spawn(
             async move {
                 let mut tick = tokio::time::interval(KEEPALIVE);
                 tick.tick().await;
                 loop {
                     tokio::select! {
+                        () = stopped(&mut shutdown) => return,
                         _ = tx.closed() => break,
                         _ = tick.tick() => {
                             let keepalive = pb::SessionEvent {
