@@ -112,6 +112,7 @@
 pub mod abi;
 mod attach;
 pub mod events;
+pub mod maglev;
 pub mod maps;
 pub mod netns;
 
