@@ -87,12 +87,19 @@ fn parse_txtar(text: &str) -> (String, BTreeMap<String, String>) {
 fn strings(v: &Value, field: &str) -> Vec<String> {
     v.get(field)
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn string(v: &Value, field: &str) -> String {
-    v.get(field).and_then(Value::as_str).unwrap_or_default().to_owned()
+    v.get(field)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn map(v: &Value, field: &str) -> HashMap<String, String> {
@@ -173,8 +180,9 @@ fn pb_service(v: &Value) -> pb::Service {
                 target: if let Some(n) = p.get("target_port_name").and_then(Value::as_str) {
                     Some(pb::service_port::Target::TargetPortName(n.to_owned()))
                 } else {
-                    p.get("target_port_number")
-                        .map(|_| pb::service_port::Target::TargetPortNumber(number(p, "target_port_number")))
+                    p.get("target_port_number").map(|_| {
+                        pb::service_port::Target::TargetPortNumber(number(p, "target_port_number"))
+                    })
                 },
             })
             .collect(),
@@ -238,7 +246,11 @@ impl Harness {
     }
 
     fn client(&self) -> RegistryClient<Channel> {
-        self.running.as_ref().expect("apiserver not started").client.clone()
+        self.running
+            .as_ref()
+            .expect("apiserver not started")
+            .client
+            .clone()
     }
 
     async fn start(&mut self) {
@@ -302,17 +314,17 @@ impl Harness {
         self.backend.list("mesh-test/none").await.unwrap().revision
     }
 
+    /// The id of session `s`; a name never opened is sent as a raw id.
     fn session_id(&self, s: &str) -> String {
         self.sessions
             .get(s)
-            .unwrap_or_else(|| panic!("{}: no session {s}", self.name))
-            .0
-            .clone()
+            .map_or_else(|| s.to_owned(), |(id, _)| id.clone())
     }
 
     async fn expect(&self, section: &str, text: &str) {
-        let expected: BTreeMap<String, Value> = serde_json::from_str(text)
-            .unwrap_or_else(|e| panic!("{}: section {section} is not a JSON object: {e}", self.name));
+        let expected: BTreeMap<String, Value> = serde_json::from_str(text).unwrap_or_else(|e| {
+            panic!("{}: section {section} is not a JSON object: {e}", self.name)
+        });
         let what = format!("{}: etcd to hold exactly section {section}", self.name);
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
@@ -508,7 +520,9 @@ impl Harness {
         match (outcome, result) {
             (None, Ok(())) => {}
             (None, Err(e)) => panic!("{}: step `{line}` failed: {e}", self.name),
-            (Some(_), Ok(())) => panic!("{}: step `{line}` succeeded, expected an error", self.name),
+            (Some(_), Ok(())) => {
+                panic!("{}: step `{line}` succeeded, expected an error", self.name)
+            }
             (Some(outcome), Err(status)) => {
                 let may_write = outcome.starts_with('+');
                 let outcome = outcome.trim_start_matches('+').trim();
@@ -540,7 +554,9 @@ impl Harness {
 }
 
 async fn run_scenario(file: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap();
     let (_, sections) = parse_txtar(&text);
     let Some(mut h) = Harness::new(file).await else {
