@@ -2,19 +2,29 @@
 //! the apiserver session, and the status and metrics servers, and runs them
 //! until shutdown.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
-    config::Config,
+    clusters::{self, EtcdConnector, Mesh},
+    config::{Config, Encryption, EtcdSource, Routing},
     netlink::Netlink,
     pod::{PodDatapath, PodManager},
+    reconcile::LocalNode,
+    reconciler::{Reconciler, TunnelState},
     registry::Registry,
-    status::{self, AgentStatus, StatusHub, StatusSource},
+    status::{self, AgentStatus, ClusterStatus, StatusHub, StatusSource},
 };
+
+/// Name of the VXLAN device (external mode) in the node's namespace.
+pub const VXLAN_DEVICE: &str = "mesh_vxlan";
+/// Name of the WireGuard device in the node's namespace.
+pub const WIREGUARD_DEVICE: &str = "mesh_wg";
+/// How often the remote-cluster config directory is scanned.
+const CONFIG_DIR_PERIOD: Duration = Duration::from_millis(500);
 
 /// Snapshot source backed by the live components.
 #[derive(Debug)]
@@ -23,6 +33,21 @@ pub struct LiveStatus {
     hub: Arc<StatusHub>,
     pods: Arc<PodManager>,
     registry: Option<Registry>,
+    mesh: Arc<Mesh>,
+}
+
+/// Fills the store-derived fields of `status` from the cluster's stores.
+fn fill_from_stores(status: &mut ClusterStatus, entry: &clusters::ClusterEntry) {
+    let Some(stores) = entry.current.as_ref() else {
+        return;
+    };
+    status.num_nodes = stores.nodes.len() as u64;
+    status.num_endpoints = stores.endpoints.len() as u64;
+    status.num_identities = stores.identities.len() as u64;
+    status.num_shared_services = stores.services.list().iter().filter(|s| s.shared).count() as u64;
+    status.synced = stores.synced();
+    status.rejected = stores.rejected();
+    status.ready = status.connected && status.synced.all();
 }
 
 impl StatusSource for LiveStatus {
@@ -35,7 +60,16 @@ impl StatusSource for LiveStatus {
             encryption: format!("{:?}", self.config.encryption).to_lowercase(),
             apiserver_connected: self.registry.as_ref().map(|r| r.status().connected),
             local_endpoints: self.pods.count().await as u64,
-            clusters: self.hub.clusters(),
+            clusters: {
+                let mesh = self.mesh.snapshot();
+                let mut clusters = self.hub.clusters();
+                for c in &mut clusters {
+                    if let Some(entry) = mesh.get(&c.name) {
+                        fill_from_stores(c, entry);
+                    }
+                }
+                clusters
+            },
             reconcile: self.hub.reconcile(),
         }
     }
@@ -70,13 +104,19 @@ pub async fn run(
     }));
 
     let host = Netlink::connect().context("netlink")?;
+    let tunnel = setup_tunnel(&config, &dp).await?;
+    let public_key = tunnel
+        .wireguard
+        .as_ref()
+        .map(|wg| wg.public_key().to_base64())
+        .unwrap_or_default();
     let registry = config.apiserver.clone().map(|url| {
         let node = mesh_proto::v1::Node {
             name: config.node_name.clone(),
             internal_ips: vec![config.node_ip.to_string()],
             cilium_internal_ips: vec![crate::ipam::first_host(config.pod_cidr).to_string()],
             pod_cidrs: vec![config.pod_cidr.to_string()],
-            wireguard_public_key: String::new(),
+            wireguard_public_key: public_key,
             labels: Default::default(),
         };
         Registry::spawn(url, node, stopped())
@@ -96,13 +136,65 @@ pub async fn run(
     info!(restored, "endpoints of the previous run restored");
 
     let hub = Arc::new(StatusHub::default());
+    let mesh = Arc::new(Mesh::default());
     let live = Arc::new(LiveStatus {
         config: config.clone(),
-        hub,
+        hub: hub.clone(),
         pods: pods.clone(),
         registry,
+        mesh: mesh.clone(),
     });
+    let ipcache = dp
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .datapath
+        .ipcache()
+        .context("opening the ipcache map")?;
+    let reconciler = Reconciler::new(
+        ipcache,
+        tunnel,
+        LocalNode {
+            cluster: config.cluster_name.clone(),
+            node_name: config.node_name.clone(),
+            node_ip: config.node_ip,
+            routing: config.routing,
+            encryption: config.encryption,
+        },
+        mesh.clone(),
+        hub.clone(),
+        config.sync_timeout,
+    )?;
+    let ctx = clusters::Context {
+        mesh,
+        hub,
+        connector: Arc::new(EtcdConnector),
+        local_name: config.cluster_name.clone(),
+        local_id: config.cluster_id,
+        max_connected: config.max_connected_clusters,
+        backoff: (Duration::from_millis(200), Duration::from_secs(30)),
+    };
+    let local_source = match &config.etcd {
+        EtcdSource::Endpoints(eps) => clusters::EtcdSource::Endpoints(eps.clone()),
+        EtcdSource::ConfigFile(path) => clusters::EtcdSource::File(path.clone()),
+    };
+    let mut cluster_tasks =
+        vec![ctx.spawn_cluster(config.cluster_name.clone(), local_source, true)];
+    if let Some(dir) = config.clustermesh_config.clone() {
+        cluster_tasks.push(tokio::spawn(clusters::watch_config_dir(
+            ctx.clone(),
+            dir,
+            CONFIG_DIR_PERIOD,
+        )));
+    }
+    let _abort_clusters = AbortOnDrop(cluster_tasks);
     let mut tasks = tokio::task::JoinSet::new();
+    {
+        let stop = stopped();
+        tasks.spawn(async move {
+            reconciler.run(stop).await;
+            Ok(())
+        });
+    }
     {
         let path = config.cni_socket.clone();
         let pods = pods.clone();
@@ -154,4 +246,149 @@ pub async fn run(
         res.context("server task panicked")??;
     }
     Ok(())
+}
+
+/// Aborts the cluster tasks when the agent stops (stop keeps datapath state).
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Sets up the devices of the routing and encryption mode and attaches the
+/// datapath's programs to them:
+///
+/// * tunnel: the VXLAN device in external mode (stable MAC from cluster and
+///   node name), `from_overlay` on it;
+/// * WireGuard: the device with the key from the state dir; with native
+///   routing `from_l3dev` on it; `rp_filter` off on it (decrypted packets
+///   come from addresses routed elsewhere);
+/// * native: `from_netdev` on the underlay device (the one holding
+///   `--node-ip`), forwarding on.
+///
+/// Sysctls are written in the node's network namespace only (the agent's
+/// threads all live there).
+async fn setup_tunnel(
+    config: &Config,
+    dp: &std::sync::Mutex<PodDatapath>,
+) -> anyhow::Result<TunnelState> {
+    let attach = |ifname: &str, program: Option<datapath::HostDevice>| {
+        let mut dp = dp.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = match program {
+            None => dp.datapath.attach_from_overlay(ifname),
+            Some(kind) => dp.datapath.attach_from_host_device(ifname, kind),
+        };
+        result.with_context(|| format!("attaching the datapath to {ifname}"))
+    };
+    let netlink = tunnel::Netlink::connect().context("netlink for the tunnel layer")?;
+    if config.routing == Routing::Tunnel {
+        let mut vxlan =
+            tunnel::VxlanConfig::for_node(&format!("{}/{}", config.cluster_name, config.node_name));
+        vxlan.port = config.vxlan_port;
+        let outcome = tunnel::ensure_vxlan(&netlink, VXLAN_DEVICE, &vxlan)
+            .await
+            .with_context(|| format!("VXLAN device {VXLAN_DEVICE}"))?;
+        attach(VXLAN_DEVICE, None)?;
+        info!(device = VXLAN_DEVICE, ?outcome, "VXLAN device ready");
+    }
+    let mut wireguard = None;
+    if config.encryption == Encryption::Wireguard {
+        let key = tunnel::PrivateKey::load_or_generate(&config.state_dir)
+            .context("WireGuard private key")?;
+        let mut wg_config = tunnel::WireguardConfig::new(WIREGUARD_DEVICE, key);
+        wg_config.listen_port = config.wireguard_port;
+        let wg = tunnel::WireguardDevice::open(&netlink, wg_config)
+            .await
+            .with_context(|| format!("WireGuard device {WIREGUARD_DEVICE}"))?;
+        info!(device = WIREGUARD_DEVICE, backend = ?wg.backend(), public_key = %wg.public_key(), "WireGuard device ready");
+        set_sysctl("net/ipv4/conf/all/rp_filter", "0")?;
+        set_sysctl(&format!("net/ipv4/conf/{WIREGUARD_DEVICE}/rp_filter"), "0")?;
+        if config.routing == Routing::Native {
+            attach(WIREGUARD_DEVICE, Some(datapath::HostDevice::L3))?;
+        }
+        wireguard = Some(wg);
+    }
+    if config.routing == Routing::Native {
+        let underlay = underlay_device(&netlink, IpAddr::V4(config.node_ip)).await?;
+        attach(&underlay, Some(datapath::HostDevice::Ethernet))?;
+        set_sysctl("net/ipv4/ip_forward", "1")?;
+        set_sysctl("net/ipv4/conf/all/rp_filter", "0")?;
+        set_sysctl(&format!("net/ipv4/conf/{underlay}/rp_filter"), "0")?;
+        info!(device = %underlay, "native routing on the underlay device");
+    }
+    let mut params =
+        tunnel::routes::TunnelParams::new(WIREGUARD_DEVICE, IpAddr::V4(config.node_ip));
+    params.wireguard_port = config.wireguard_port;
+    params.vxlan_port = config.vxlan_port;
+    Ok(TunnelState {
+        netlink,
+        wireguard,
+        mode: tunnel::routes::RoutingMode {
+            routing: match config.routing {
+                Routing::Tunnel => tunnel::routes::Routing::Tunnel,
+                Routing::Native => tunnel::routes::Routing::Native,
+            },
+            encryption: match config.encryption {
+                Encryption::None => tunnel::routes::Encryption::None,
+                Encryption::Wireguard => tunnel::routes::Encryption::Wireguard,
+            },
+        },
+        params,
+    })
+}
+
+/// The device that holds `ip` in this namespace.
+async fn underlay_device(netlink: &tunnel::Netlink, ip: IpAddr) -> anyhow::Result<String> {
+    use futures::TryStreamExt as _;
+    use rtnetlink::packet_route::{address::AddressAttribute, link::LinkAttribute};
+    let addrs: Vec<_> = netlink
+        .handle()
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .context("listing addresses")?;
+    let index = addrs
+        .iter()
+        .find(|m| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(a) if *a == ip))
+        })
+        .map(|m| m.header.index)
+        .with_context(|| format!("no device in the node namespace holds --node-ip {ip}"))?;
+    let link = netlink
+        .handle()
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .context("reading the underlay link")?
+        .with_context(|| format!("link {index} vanished"))?;
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .with_context(|| format!("link {index} has no name"))
+}
+
+/// Writes `/proc/sys/<key>` (of the calling thread's network namespace for
+/// `net/` keys).
+fn set_sysctl(key: &str, value: &str) -> anyhow::Result<()> {
+    let path = std::path::Path::new("/proc/sys").join(key);
+    match std::fs::read_to_string(&path) {
+        Ok(v) if v.trim() == value => return Ok(()),
+        Ok(_) => {}
+        Err(e) => warn!(path = %path.display(), error = %e, "reading sysctl"),
+    }
+    std::fs::write(&path, value).with_context(|| format!("writing {value} to {}", path.display()))
 }

@@ -27,6 +27,9 @@ pub const MTU_TUNNEL: u32 = 1450;
 /// Pod MTU when traffic leaves through WireGuard (1500 minus 80 bytes, as
 /// `wg-quick` uses).
 pub const MTU_WIREGUARD: u32 = 1420;
+/// Pod MTU with VXLAN carried through WireGuard: the WireGuard device's
+/// 1420 minus the 50 bytes of VXLAN inside it.
+pub const MTU_TUNNEL_WIREGUARD: u32 = 1370;
 /// Pod MTU with native routing and no encryption.
 pub const MTU_NATIVE: u32 = 1500;
 
@@ -434,7 +437,8 @@ impl Config {
     /// redirects without an MTU check, so the smaller of the two must hold).
     pub fn pod_mtu(&self) -> u32 {
         match (self.encryption, self.routing) {
-            (Encryption::Wireguard, _) => MTU_WIREGUARD,
+            (Encryption::Wireguard, Routing::Tunnel) => MTU_TUNNEL_WIREGUARD,
+            (Encryption::Wireguard, Routing::Native) => MTU_WIREGUARD,
             (Encryption::None, Routing::Tunnel) => MTU_TUNNEL,
             (Encryption::None, Routing::Native) => MTU_NATIVE,
         }
@@ -626,6 +630,9 @@ mod tests {
     fn mtu_follows_the_mode() {
         let mut args = GOOD.to_vec();
         args.push("--encryption=wireguard");
+        // VXLAN inside WireGuard: 1420 - 50.
+        assert_eq!(Config::from_flags(&flags(&args)).unwrap().pod_mtu(), 1370);
+        args.push("--routing=native");
         assert_eq!(Config::from_flags(&flags(&args)).unwrap().pod_mtu(), 1420);
         let mut args = GOOD.to_vec();
         args.push("--routing=native");

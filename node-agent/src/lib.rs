@@ -9,18 +9,24 @@
 //!   `from_pod` program;
 //! * keeps its node and endpoints registered with the local
 //!   clustermesh-apiserver ([`registry`]);
+//! * reads every cluster's nodes, endpoints, identities and services, the
+//!   local one included, one task per cluster ([`clusters`]);
+//! * keeps the ipcache map, WireGuard peers and tunnel routes equal to their
+//!   merged state ([`reconcile`], [`reconciler`]);
 //! * reports per-cluster status and metrics ([`status`]).
 //!
 //! Configuration is parsed and validated whole in [`config`]; [`agent::run`]
 //! is the entry point the binary calls.
 
 pub mod agent;
+pub mod clusters;
 pub mod cni;
 pub mod config;
 pub mod ipam;
 pub mod netlink;
 pub mod pod;
 pub mod reconcile;
+pub mod reconciler;
 pub mod registry;
 pub mod status;
 mod unix;

@@ -93,6 +93,9 @@ pub struct ReconcileStatus {
     /// Whether stale entries may be removed (every cluster synced, or the
     /// restart timeout passed).
     pub sweeping: bool,
+    /// Prefixes claimed by more than one record in the last pass.
+    #[serde(default)]
+    pub conflicts: u64,
 }
 
 /// The whole status document.

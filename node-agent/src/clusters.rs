@@ -1,0 +1,794 @@
+//! The clusters of the mesh as this node sees them: one task per cluster
+//! (the local one included), and the directory watcher that starts, restarts
+//! and removes them.
+//!
+//! # One task owns one cluster
+//!
+//! A cluster task connects to the cluster's etcd (TLS as its config file
+//! says), reads `cilium/cluster-config/<name>`, claims the cluster's name and
+//! ID in the [`Mesh`] (a second cluster with the same ID, or a remote
+//! cluster with the local cluster's ID, is refused with a clear status), and
+//! starts one [`WatchStore`] per kind (nodes, ipcache, identities, services)
+//! validating every record against the connection's [`RemoteScope`]. The
+//! stores list, watch and, when a watch breaks, list again with mark and
+//! sweep on their own; the task then only probes the connection (heartbeat
+//! key, cluster config) so that the status says whether the cluster is
+//! reachable, and reconnects from scratch when the cluster's ID changes.
+//! Every failure is counted and retried with jittered exponential backoff.
+//!
+//! # Stop keeps, remove drains
+//!
+//! Stopping the agent stops the tasks and leaves the datapath as it is (the
+//! next agent adopts the pinned maps). Removing a config file removes the
+//! cluster from the [`Mesh`], so the reconciler's next pass deletes its
+//! entries. A *changed* config file restarts the task, and the stores of the
+//! old connection stay in the mesh ([`ClusterEntry::previous`]) until the new
+//! ones have synced, so a reconnect never withdraws a live entry.
+//!
+//! # The config directory
+//!
+//! One file per remote cluster in Cilium's etcd config format; the file name
+//! is the cluster name; dotfiles (Kubernetes secret volumes keep `..data`
+//! links there) are ignored. The directory is polled (once a second by
+//! default) and files are compared by content, which also catches secret
+//! volumes that swap a symlink rather than write a file.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use api::{ClusterName, ClusterService, IdentityRecord, IpcacheEntry, Node, RemoteScope, Resource};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::future::BoxFuture;
+use kvstore::{ListWatch, WatchStore, WatchStoreConfig};
+use tokio::{sync::Notify, task::JoinHandle};
+use tracing::{info, warn, Instrument};
+
+use crate::status::{ClusterStatus, StatusHub};
+
+/// How often a connected cluster is probed (heartbeat key, cluster config).
+const PROBE_PERIOD: Duration = Duration::from_secs(5);
+
+/// Errors of one cluster connection attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The etcd config file is invalid.
+    #[error("etcd config of cluster {cluster}")]
+    Config {
+        /// The cluster.
+        cluster: String,
+        /// Cause.
+        #[source]
+        source: kvstore::ConfigError,
+    },
+    /// etcd cannot be reached.
+    #[error("connecting to the etcd of cluster {cluster}")]
+    Connect {
+        /// The cluster.
+        cluster: String,
+        /// Cause.
+        #[source]
+        source: kvstore::ConnectError,
+    },
+    /// The cluster config cannot be read or is invalid.
+    #[error("reading the cluster config of {cluster}")]
+    ClusterConfig {
+        /// The cluster.
+        cluster: String,
+        /// Cause.
+        #[source]
+        source: kvstore::ClusterConfigError,
+    },
+    /// Another connected cluster (or the local one) has this ID.
+    #[error("cluster {cluster} has ID {id}, which cluster {owner} already uses; refusing it")]
+    DuplicateId {
+        /// The refused cluster.
+        cluster: String,
+        /// Its ID.
+        id: u16,
+        /// The cluster holding the ID.
+        owner: String,
+    },
+    /// The local cluster's etcd says another ID than `--cluster-id`.
+    #[error(
+        "the local cluster {cluster} has ID {found} in its etcd, but --cluster-id is {configured}"
+    )]
+    LocalIdMismatch {
+        /// The local cluster.
+        cluster: String,
+        /// `--cluster-id`.
+        configured: u16,
+        /// In etcd.
+        found: u16,
+    },
+    /// The cluster runs in another identity mode than this agent.
+    #[error(
+        "cluster {cluster} allows {found} connected clusters, this agent {configured}; refusing it"
+    )]
+    ModeMismatch {
+        /// The refused cluster.
+        cluster: String,
+        /// This agent's `--max-connected-clusters`.
+        configured: u16,
+        /// The cluster's.
+        found: u16,
+    },
+    /// A probe of a connected cluster failed.
+    #[error("cluster {cluster} is unreachable")]
+    Probe {
+        /// The cluster.
+        cluster: String,
+        /// Cause.
+        #[source]
+        source: kvstore::BackendError,
+    },
+    /// The cluster name is not a valid cluster name.
+    #[error("{cluster:?} is not a valid cluster name")]
+    InvalidName {
+        /// The name.
+        cluster: String,
+        /// Why.
+        #[source]
+        source: api::ClusterError,
+    },
+    /// The cluster config changed its ID while connected.
+    #[error("cluster {cluster} changed its ID from {old} to {new}; reconnecting")]
+    IdChanged {
+        /// The cluster.
+        cluster: String,
+        /// Previous ID.
+        old: u16,
+        /// New ID.
+        new: u16,
+    },
+}
+
+impl ClusterError {
+    /// Whether the cluster is refused for a reason retrying cannot fix
+    /// until the other side changes (it then does not hold up the sweep).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::DuplicateId { .. }
+                | Self::LocalIdMismatch { .. }
+                | Self::ModeMismatch { .. }
+                | Self::InvalidName { .. }
+        )
+    }
+}
+
+/// Where a cluster's etcd is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EtcdSource {
+    /// A Cilium-style etcd config file (read at each connection attempt).
+    File(PathBuf),
+    /// Plain endpoint URLs.
+    Endpoints(Vec<String>),
+}
+
+/// Opens a read connection to a cluster's etcd. Injected so that tests can
+/// swap the client (e.g. for an in-memory backend).
+pub trait Connector: Send + Sync + 'static {
+    /// Connects to `source` of `cluster`.
+    fn connect<'a>(
+        &'a self,
+        cluster: &'a str,
+        source: &'a EtcdSource,
+    ) -> BoxFuture<'a, Result<Arc<dyn ListWatch>, ClusterError>>;
+}
+
+/// The real connector: [`kvstore::connect`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EtcdConnector;
+
+impl Connector for EtcdConnector {
+    fn connect<'a>(
+        &'a self,
+        cluster: &'a str,
+        source: &'a EtcdSource,
+    ) -> BoxFuture<'a, Result<Arc<dyn ListWatch>, ClusterError>> {
+        Box::pin(async move {
+            let config = match source {
+                EtcdSource::File(path) => kvstore::EtcdConfig::from_file(path),
+                EtcdSource::Endpoints(eps) => {
+                    kvstore::EtcdConfig::from_endpoints(eps.clone(), &kvstore::TlsPaths::default())
+                }
+            }
+            .map_err(|source| ClusterError::Config {
+                cluster: cluster.to_owned(),
+                source,
+            })?;
+            let backend =
+                kvstore::connect(&config)
+                    .await
+                    .map_err(|source| ClusterError::Connect {
+                        cluster: cluster.to_owned(),
+                        source,
+                    })?;
+            Ok(Arc::new(backend) as Arc<dyn ListWatch>)
+        })
+    }
+}
+
+/// The read stores of one connection to one cluster.
+#[derive(Debug)]
+pub struct ClusterStores {
+    /// What the records are validated against.
+    pub scope: RemoteScope,
+    /// Nodes.
+    pub nodes: WatchStore<Node>,
+    /// Endpoints (ipcache entries).
+    pub endpoints: WatchStore<IpcacheEntry>,
+    /// Identities.
+    pub identities: WatchStore<IdentityRecord>,
+    /// Services.
+    pub services: WatchStore<ClusterService>,
+}
+
+impl ClusterStores {
+    /// Whether every store completed its initial listing.
+    pub fn synced(&self) -> crate::status::Synced {
+        crate::status::Synced {
+            nodes: self.nodes.is_synced(),
+            endpoints: self.endpoints.is_synced(),
+            identities: self.identities.is_synced(),
+            services: self.services.is_synced(),
+        }
+    }
+
+    /// Rejected records of all stores, by reason.
+    pub fn rejected(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for by_reason in [
+            self.nodes.stats().rejected_by_reason(),
+            self.endpoints.stats().rejected_by_reason(),
+            self.identities.stats().rejected_by_reason(),
+            self.services.stats().rejected_by_reason(),
+        ] {
+            for (reason, n) in by_reason {
+                *out.entry(reason.to_owned()).or_default() += n;
+            }
+        }
+        out
+    }
+}
+
+/// What the mesh knows about one cluster.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterEntry {
+    /// This node's own cluster.
+    pub local: bool,
+    /// The stores of the current connection.
+    pub current: Option<Arc<ClusterStores>>,
+    /// The stores of the previous connection, kept until `current` synced.
+    pub previous: Option<Arc<ClusterStores>>,
+    /// Refused (duplicate ID, wrong mode): does not hold up the sweep.
+    pub refused: bool,
+}
+
+impl ClusterEntry {
+    /// Whether the current connection has synced every kind.
+    pub fn synced(&self) -> bool {
+        self.current.as_ref().is_some_and(|s| s.synced().all())
+    }
+
+    /// The stores whose records count: the current ones, plus the previous
+    /// ones while the current ones have not synced yet.
+    pub fn sources(&self) -> impl Iterator<Item = &Arc<ClusterStores>> {
+        let keep_previous = !self.synced();
+        self.current
+            .iter()
+            .chain(self.previous.iter().filter(move |_| keep_previous))
+    }
+}
+
+/// The shared view of every cluster, read by the reconciler and the status.
+#[derive(Debug, Default)]
+pub struct Mesh {
+    clusters: RwLock<BTreeMap<String, ClusterEntry>>,
+    /// Cluster ID → name of the cluster holding it.
+    claims: Mutex<BTreeMap<u16, String>>,
+    changed: Notify,
+}
+
+impl Mesh {
+    /// Wakes the reconciler.
+    pub fn notify(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Waits for the next change (changes while nobody waits are kept as
+    /// one pending wake-up, so none is lost and bursts coalesce).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// A copy of every cluster's entry.
+    pub fn snapshot(&self) -> BTreeMap<String, ClusterEntry> {
+        self.clusters
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn update(&self, cluster: &str, f: impl FnOnce(&mut ClusterEntry)) {
+        let mut map = self
+            .clusters
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(map.entry(cluster.to_owned()).or_default());
+        drop(map);
+        self.notify();
+    }
+
+    /// Removes `cluster` (its config file is gone): its entries are drained
+    /// by the next reconcile pass.
+    pub fn remove(&self, cluster: &str) {
+        self.clusters
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(cluster);
+        self.notify();
+    }
+
+    fn claim(&self, cluster: &str, id: u16) -> Result<ClaimGuard<'_>, String> {
+        let mut claims = self
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match claims.get(&id) {
+            Some(owner) if owner != cluster => Err(owner.clone()),
+            _ => {
+                claims.insert(id, cluster.to_owned());
+                Ok(ClaimGuard { mesh: self, id })
+            }
+        }
+    }
+}
+
+/// Releases a cluster ID claim when the connection ends (also on abort).
+struct ClaimGuard<'a> {
+    mesh: &'a Mesh,
+    id: u16,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        self.mesh
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// What every cluster task shares.
+#[derive(Clone)]
+pub struct Context {
+    /// The mesh view the tasks publish into.
+    pub mesh: Arc<Mesh>,
+    /// Status of the connections.
+    pub hub: Arc<StatusHub>,
+    /// The client factory.
+    pub connector: Arc<dyn Connector>,
+    /// The local cluster's name.
+    pub local_name: String,
+    /// The local cluster's ID.
+    pub local_id: u16,
+    /// 255 or 511.
+    pub max_connected: u16,
+    /// Backoff bounds of reconnects.
+    pub backoff: (Duration, Duration),
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("local_name", &self.local_name)
+            .field("local_id", &self.local_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_rfc3339() -> String {
+    kvstore::keys::rfc3339_now()
+}
+
+impl Context {
+    fn set_status(&self, cluster: &str, f: impl FnOnce(&mut ClusterStatus)) {
+        self.hub.update_cluster(cluster, f);
+    }
+
+    fn failure(&self, cluster: &str, error: &ClusterError) {
+        let text = error_chain(error);
+        warn!(cluster, error = %text, "cluster connection failed");
+        self.set_status(cluster, |s| {
+            s.connected = false;
+            s.ready = false;
+            s.num_failures += 1;
+            s.last_failure = Some(now_rfc3339());
+            s.status = text;
+        });
+    }
+
+    /// Starts the task of `cluster` reading from `source`.
+    pub fn spawn_cluster(
+        &self,
+        cluster: String,
+        source: EtcdSource,
+        local: bool,
+    ) -> JoinHandle<()> {
+        let ctx = self.clone();
+        let span = tracing::info_span!("remote_cluster", cluster = %cluster, local);
+        self.set_status(&cluster, |s| s.status = "connecting".to_owned());
+        self.mesh.update(&cluster, |e| e.local = local);
+        tokio::spawn(async move { ctx.run_cluster(cluster, source, local).await }.instrument(span))
+    }
+
+    async fn run_cluster(self, cluster: String, source: EtcdSource, local: bool) {
+        let builder = ExponentialBuilder::default()
+            .with_min_delay(self.backoff.0)
+            .with_max_delay(self.backoff.1)
+            .with_jitter()
+            .without_max_times();
+        let mut backoff = builder.build();
+        loop {
+            let mut connected = false;
+            let error = self.session(&cluster, &source, local, &mut connected).await;
+            if connected {
+                backoff = builder.build();
+            }
+            self.mesh
+                .update(&cluster, |e| e.refused = error.is_refusal());
+            self.failure(&cluster, &error);
+            let delay = backoff.next().unwrap_or(self.backoff.1);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One connection: returns why it ended.
+    async fn session(
+        &self,
+        cluster: &str,
+        source: &EtcdSource,
+        local: bool,
+        connected: &mut bool,
+    ) -> ClusterError {
+        let backend = match self.connector.connect(cluster, source).await {
+            Ok(b) => b,
+            Err(e) => return e,
+        };
+        let name = match ClusterName::new(cluster) {
+            Ok(n) => n,
+            Err(source) => {
+                return ClusterError::InvalidName {
+                    cluster: cluster.to_owned(),
+                    source,
+                }
+            }
+        };
+        let config = match kvstore::read_cluster_config(backend.as_ref(), &name).await {
+            Ok(c) => c,
+            Err(source) => {
+                return ClusterError::ClusterConfig {
+                    cluster: cluster.to_owned(),
+                    source,
+                }
+            }
+        };
+        let id = config.id.get();
+        let mode = config.capabilities.max_connected_clusters.max_cluster_id();
+        if mode != self.max_connected {
+            return ClusterError::ModeMismatch {
+                cluster: cluster.to_owned(),
+                configured: self.max_connected,
+                found: mode,
+            };
+        }
+        if local && id != self.local_id {
+            return ClusterError::LocalIdMismatch {
+                cluster: cluster.to_owned(),
+                configured: self.local_id,
+                found: id,
+            };
+        }
+        if !local && id == self.local_id {
+            return ClusterError::DuplicateId {
+                cluster: cluster.to_owned(),
+                id,
+                owner: self.local_name.clone(),
+            };
+        }
+        let _claim = match self.mesh.claim(cluster, id) {
+            Ok(guard) => guard,
+            Err(owner) => {
+                return ClusterError::DuplicateId {
+                    cluster: cluster.to_owned(),
+                    id,
+                    owner,
+                }
+            }
+        };
+        *connected = true;
+        let scope = config.scope(name.clone());
+        let store_config = WatchStoreConfig {
+            wait_for_canary: config.capabilities.synced_canaries,
+            ..WatchStoreConfig::default()
+        };
+        let mut forwarders = Vec::new();
+        let nodes = self.store::<Node>(&backend, &scope, &store_config, &mut forwarders);
+        let endpoints =
+            self.store::<IpcacheEntry>(&backend, &scope, &store_config, &mut forwarders);
+        let identities =
+            self.store::<IdentityRecord>(&backend, &scope, &store_config, &mut forwarders);
+        let services =
+            self.store::<ClusterService>(&backend, &scope, &store_config, &mut forwarders);
+        let stores = Arc::new(ClusterStores {
+            scope,
+            nodes,
+            endpoints,
+            identities,
+            services,
+        });
+        self.mesh.update(cluster, |e| {
+            e.refused = false;
+            if let Some(old) = e.current.take() {
+                // Keep the last synced connection's records until the new one synced.
+                if old.synced().all() || e.previous.is_none() {
+                    e.previous = Some(old);
+                }
+            }
+            e.current = Some(stores.clone());
+        });
+        self.set_status(cluster, |s| {
+            s.connected = true;
+            s.status = "waiting for initial sync".to_owned();
+        });
+        info!(id, "connected");
+        let _abort = AbortOnDrop(forwarders);
+        let mut probe = tokio::time::interval(PROBE_PERIOD);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_ready = false;
+        loop {
+            tokio::select! {
+                _ = probe.tick() => {}
+                () = wait_synced(&stores), if !was_ready => {}
+            }
+            let ready = stores.synced().all();
+            if ready && !was_ready {
+                info!("initial sync complete");
+                self.mesh.update(cluster, |e| e.previous = None);
+            }
+            was_ready = ready;
+            match kvstore::read_cluster_config(backend.as_ref(), &name).await {
+                Ok(c) if c.id.get() != id => {
+                    return ClusterError::IdChanged {
+                        cluster: cluster.to_owned(),
+                        old: id,
+                        new: c.id.get(),
+                    }
+                }
+                Ok(_) => {}
+                Err(kvstore::ClusterConfigError::Backend { source, .. }) => {
+                    // The stores keep retrying on their own; report and probe again.
+                    let e = ClusterError::Probe {
+                        cluster: cluster.to_owned(),
+                        source,
+                    };
+                    self.failure(cluster, &e);
+                    continue;
+                }
+                Err(source) => {
+                    return ClusterError::ClusterConfig {
+                        cluster: cluster.to_owned(),
+                        source,
+                    }
+                }
+            }
+            self.set_status(cluster, |s| {
+                s.connected = true;
+                s.ready = ready;
+                s.status = if ready {
+                    "connected".to_owned()
+                } else {
+                    "waiting for initial sync".to_owned()
+                };
+            });
+        }
+    }
+
+    fn store<R: Resource>(
+        &self,
+        backend: &Arc<dyn ListWatch>,
+        scope: &RemoteScope,
+        config: &WatchStoreConfig,
+        forwarders: &mut Vec<JoinHandle<()>>,
+    ) -> WatchStore<R> {
+        let (store, mut events) =
+            WatchStore::<R>::spawn(backend.clone(), scope.clone(), config.clone());
+        let mesh = self.mesh.clone();
+        forwarders.push(tokio::spawn(
+            async move {
+                while events.recv().await.is_some() {
+                    mesh.notify();
+                }
+            }
+            .in_current_span(),
+        ));
+        store
+    }
+}
+
+async fn wait_synced(stores: &ClusterStores) {
+    stores.nodes.wait_until_synced().await;
+    stores.endpoints.wait_until_synced().await;
+    stores.identities.wait_until_synced().await;
+    stores.services.wait_until_synced().await;
+}
+
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// `error: cause: cause` on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A running cluster task and the config it runs with.
+struct Running {
+    content: Vec<u8>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Watches the remote-cluster config directory until dropped; see the
+/// module docs.
+pub async fn watch_config_dir(ctx: Context, dir: PathBuf, period: Duration) {
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned_missing = false;
+    loop {
+        tick.tick().await;
+        let files = match scan(&dir) {
+            Ok(f) => {
+                warned_missing = false;
+                f
+            }
+            Err(e) => {
+                if !warned_missing {
+                    warn!(dir = %dir.display(), error = %e, "cannot read the clustermesh config directory; treating it as empty");
+                    warned_missing = true;
+                }
+                BTreeMap::new()
+            }
+        };
+        let gone: Vec<String> = running
+            .keys()
+            .filter(|k| !files.contains_key(*k))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(r) = running.remove(&name) {
+                if let Some(t) = r.task {
+                    t.abort();
+                }
+            }
+            info!(cluster = %name, "config removed; draining the cluster");
+            ctx.mesh.remove(&name);
+            ctx.hub.remove_cluster(&name);
+        }
+        for (name, content) in files {
+            if running.get(&name).is_some_and(|r| r.content == content) {
+                continue;
+            }
+            let restart = running.remove(&name);
+            if let Some(t) = restart.and_then(|r| r.task) {
+                info!(cluster = %name, "config changed; reconnecting");
+                t.abort();
+            }
+            let task = match refuse_name(&ctx, &name) {
+                Some(reason) => {
+                    warn!(cluster = %name, reason = %reason, "cluster config refused");
+                    ctx.set_status(&name, |s| {
+                        s.connected = false;
+                        s.ready = false;
+                        s.status = reason;
+                    });
+                    None
+                }
+                None => {
+                    info!(cluster = %name, "cluster config found; connecting");
+                    Some(ctx.spawn_cluster(name.clone(), EtcdSource::File(dir.join(&name)), false))
+                }
+            };
+            running.insert(name, Running { content, task });
+        }
+    }
+}
+
+fn refuse_name(ctx: &Context, name: &str) -> Option<String> {
+    if let Err(e) = ClusterName::new(name) {
+        return Some(format!(
+            "file name {name:?} is not a valid cluster name: {e}"
+        ));
+    }
+    if name == ctx.local_name {
+        return Some(format!(
+            "cluster {name} has the local cluster's name; refusing to connect to it as a remote cluster"
+        ));
+    }
+    None
+}
+
+/// The config files in `dir`: name → content. Dotfiles and directories are
+/// skipped; symlinks are followed.
+fn scan(dir: &Path) -> std::io::Result<BTreeMap<String, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        // A file vanishing between listing and reading counts as removed.
+        if let Ok(content) = std::fs::read(&path) {
+            out.insert(name, content);
+        }
+    }
+    Ok(out)
+}
+
+/// The names of clusters with a config file, for tests and status.
+pub fn config_names(dir: &Path) -> BTreeSet<String> {
+    scan(dir)
+        .map(|m| m.into_keys().collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_skips_dotfiles_and_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("c2"), "endpoints: []").unwrap();
+        std::fs::write(tmp.path().join(".hidden"), "x").unwrap();
+        std::fs::create_dir(tmp.path().join("..data")).unwrap();
+        std::fs::create_dir(tmp.path().join("sub")).unwrap();
+        let files = scan(tmp.path()).unwrap();
+        assert_eq!(files.keys().collect::<Vec<_>>(), ["c2"]);
+    }
+
+    #[test]
+    fn claims_refuse_a_second_owner_and_release_on_drop() {
+        let mesh = Mesh::default();
+        let a = mesh.claim("c2", 2).unwrap();
+        assert_eq!(mesh.claim("c3", 2).err().as_deref(), Some("c2"));
+        drop(a);
+        assert!(mesh.claim("c3", 2).is_ok());
+    }
+}
