@@ -259,3 +259,15 @@ impl<T: ListWatch + KvWrite + Leases> SyncBackend for T {}
 /// Every capability; implemented by both backends.
 pub trait Backend: ListWatch + KvWrite + Leases + Transactions {}
 impl<T: ListWatch + KvWrite + Leases + Transactions> Backend for T {}
+
+/// `error: cause: cause ...`, for log lines that should say why.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -89,9 +89,20 @@ fn convert(kv: &etcd_client::KeyValue) -> KeyValue {
     }
 }
 
+/// etcd reports a missing lease as a gRPC error on puts and revokes, and
+/// etcd-client turns a keep-alive answer with TTL 0 into its own error.
 fn is_lease_not_found(e: &BackendError) -> bool {
-    matches!(e, BackendError::Etcd { source: etcd_client::Error::GRpcStatus(s), .. }
-        if s.message().contains("requested lease not found"))
+    match e {
+        BackendError::Etcd {
+            source: etcd_client::Error::GRpcStatus(s),
+            ..
+        } => s.message().contains("lease not found"),
+        BackendError::Etcd {
+            source: etcd_client::Error::LeaseKeepAliveError(m),
+            ..
+        } => m.contains("lease not found"),
+        _ => false,
+    }
 }
 
 fn map_lease_error(e: BackendError, lease: Option<LeaseId>) -> BackendError {
@@ -266,7 +277,10 @@ impl Leases for EtcdBackend {
             keeper.keep_alive().await?;
             responses.message().await
         };
-        let resp = self.call("lease keep-alive", &key, once).await?;
+        let resp = self
+            .call("lease keep-alive", &key, once)
+            .await
+            .map_err(|e| map_lease_error(e, Some(id)))?;
         match resp {
             Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl().unsigned_abs())),
             _ => Err(BackendError::LeaseNotFound { lease: id }),

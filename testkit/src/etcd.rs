@@ -98,6 +98,11 @@ impl EtcdServer {
         format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
+    /// The client socket address, `127.0.0.1:PORT`.
+    pub fn client_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
     /// The certificates, when started with TLS.
     pub fn pki(&self) -> Option<&TestPki> {
         self.pki.as_ref()

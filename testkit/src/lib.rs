@@ -14,6 +14,8 @@
 //! * [`wait_until`] / [`wait_for`] and the [`eventually!`] macro: wait for a
 //!   condition with a deadline; on timeout panic saying what was awaited.
 //!   Tests never sleep for a fixed time to "let things settle".
+//! * [`TcpProxy`]: a loopback proxy a test can cut, to take one client
+//!   away from a server while others keep talking to it.
 //! * [`unique_name`]: names that do not collide between tests of one run or
 //!   with leftovers of a crashed run (network namespaces, keys, prefixes).
 //!
@@ -22,9 +24,11 @@
 
 mod etcd;
 mod pki;
+mod proxy;
 
 pub use etcd::{EtcdOptions, EtcdServer};
 pub use pki::{TestPki, TlsFiles};
+pub use proxy::TcpProxy;
 
 use std::future::Future;
 use std::path::Path;

@@ -1,0 +1,389 @@
+//! SyncStore → etcd → WatchStore against a real etcd: round trip, crash
+//! and restart, data loss, a dead writer, a reader away during compaction.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use api::{IpcacheEntry, Resource};
+use common::*;
+use kvstore::{BackendError, KvWrite, ListWatch, SyncStoreConfig};
+use testkit::{EtcdServer, TcpProxy};
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn fast_config() -> SyncStoreConfig {
+    SyncStoreConfig {
+        lease_ttl: Duration::from_secs(30),
+        keepalive_interval: Some(Duration::from_millis(500)),
+        retry_max: Duration::from_millis(500),
+        ..SyncStoreConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_of_10000_records_with_updates_and_deletes() {
+    if !testkit::require_binary("etcd") {
+        return;
+    }
+    let etcd = EtcdServer::start().await;
+    let backend = backend(&etcd.endpoint()).await;
+    let (r, events) = reader::<IpcacheEntry>(&backend);
+    let recorded = record(events);
+    let w = writer(&backend, fast_config());
+
+    let mut truth: HashMap<u32, IpcacheEntry> = (0..10_000).map(|i| (i, entry(i, 300))).collect();
+    for e in truth.values() {
+        w.upsert(e);
+    }
+    w.synced();
+    idle(&w, LONG).await;
+    r.wait_until_synced().await;
+    assert_eq!(recorded.lock().unwrap().synced, 1);
+
+    // Updates (some of them several times) and deletes.
+    for round in 0..3u16 {
+        for i in (0..10_000).step_by(5) {
+            let e = entry(i, 400 + round);
+            w.upsert(&e);
+            truth.insert(i, e);
+        }
+    }
+    for i in (1..10_000).step_by(7) {
+        w.delete(&truth.remove(&i).unwrap());
+    }
+    idle(&w, LONG).await;
+
+    let want = expected(&truth);
+    assert_eq!(
+        etcd_records(&backend).await,
+        want,
+        "etcd holds exactly the writer's set"
+    );
+    converged(&r, &want, LONG).await;
+    let rec = recorded.lock().unwrap();
+    assert_eq!(rec.deleted.len(), 10_000 - truth.len());
+    assert!(rec.deleted.iter().all(|k| !want.contains_key(k)));
+    assert!(
+        w.stats().coalesced.load(Ordering::Relaxed) > 0
+            || w.stats().puts.load(Ordering::Relaxed) < 16_000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_sigkilled_and_restarted_mid_churn() {
+    if !testkit::require_binary("etcd") {
+        return;
+    }
+    let mut etcd = EtcdServer::start().await;
+    let backend = backend(&etcd.endpoint()).await;
+    let (r, events) = reader::<IpcacheEntry>(&backend);
+    let recorded = record(events);
+    let w = writer(&backend, fast_config());
+
+    // 0..2000 live throughout; 2000..3000 get deleted during the churn.
+    let mut truth: HashMap<u32, IpcacheEntry> = (0..3000).map(|i| (i, entry(i, 300))).collect();
+    for e in truth.values() {
+        w.upsert(e);
+    }
+    w.synced();
+    idle(&w, LONG).await;
+    r.wait_until_synced().await;
+
+    for step in 0..20u16 {
+        for i in (u32::from(step)..2000).step_by(20) {
+            let e = entry(i, 500 + step);
+            w.upsert(&e);
+            truth.insert(i, e);
+        }
+        for i in (2000 + u32::from(step) * 50)..(2000 + u32::from(step + 1) * 50) {
+            w.delete(&truth.remove(&i).unwrap());
+        }
+        if step == 8 {
+            etcd.kill();
+        }
+        if step == 12 {
+            etcd.restart().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    idle(&w, LONG).await;
+    let want = expected(&truth);
+    converged(&r, &want, LONG).await;
+    assert_eq!(etcd_records(&backend).await, want);
+    let rec = recorded.lock().unwrap();
+    let live_deleted: Vec<&String> = rec
+        .deleted
+        .iter()
+        .filter(|k| want.contains_key(*k))
+        .collect();
+    assert!(
+        live_deleted.is_empty(),
+        "records live before and after the outage were reported deleted: {live_deleted:?}"
+    );
+    assert_eq!(
+        rec.deleted.len(),
+        1000,
+        "exactly the deleted records are reported deleted"
+    );
+    assert!(
+        r.stats().restarts.load(Ordering::Relaxed) >= 1,
+        "the reader noticed the outage"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restarted_empty_writer_recreates_everything() {
+    if !testkit::require_binary("etcd") {
+        return;
+    }
+    let mut etcd = EtcdServer::start().await;
+    let backend = backend(&etcd.endpoint()).await;
+    let (r, events) = reader::<IpcacheEntry>(&backend);
+    let recorded = record(events);
+    let w = writer(&backend, fast_config());
+    let truth: HashMap<u32, IpcacheEntry> = (0..2000).map(|i| (i, entry(i, 300))).collect();
+    for e in truth.values() {
+        w.upsert(e);
+    }
+    w.synced();
+    idle(&w, LONG).await;
+    let want = expected(&truth);
+    converged(&r, &want, LONG).await;
+
+    etcd.restart_empty().await;
+    testkit::wait_until(LONG, "the writer to notice its lease is gone", || {
+        let lost = w.stats().leases_lost.load(Ordering::Relaxed);
+        async move { lost > 0 }
+    })
+    .await;
+    idle(&w, LONG).await;
+    assert_eq!(etcd_records(&backend).await, want, "everything re-created");
+    let canary = backend.get(w.canary_key()).await.unwrap();
+    assert!(canary.is_some(), "the canary is written again");
+    converged(&r, &want, LONG).await;
+    assert_eq!(w.stats().canaries.load(Ordering::Relaxed), 2);
+    assert_eq!(recorded.lock().unwrap().synced, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_writer_lease_expires_and_reader_reports_deletes() {
+    if !testkit::require_binary("etcd") {
+        return;
+    }
+    let etcd = EtcdServer::start().await;
+    let backend = backend(&etcd.endpoint()).await;
+    let (r, events) = reader::<IpcacheEntry>(&backend);
+    let recorded = record(events);
+    let w = writer(
+        &backend,
+        SyncStoreConfig {
+            lease_ttl: Duration::from_secs(2),
+            ..fast_config()
+        },
+    );
+    let truth: HashMap<u32, IpcacheEntry> = (0..300).map(|i| (i, entry(i, 300))).collect();
+    for e in truth.values() {
+        w.upsert(e);
+    }
+    w.synced();
+    idle(&w, LONG).await;
+    converged(&r, &expected(&truth), LONG).await;
+
+    w.stop(); // the process dies: nobody renews the lease
+    converged(&r, &expected(&HashMap::new()), Duration::from_secs(30)).await;
+    assert!(
+        etcd_records(&backend).await.is_empty(),
+        "the keys vanished from etcd"
+    );
+    let rec = recorded.lock().unwrap();
+    assert_eq!(rec.deleted.len(), 300, "every record reported deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_away_during_compaction_lists_again_and_converges() {
+    if !testkit::require_binary("etcd") {
+        return;
+    }
+    let etcd = EtcdServer::start().await;
+    let backend = backend(&etcd.endpoint()).await;
+    let proxy = TcpProxy::start(etcd.client_addr()).await;
+    let away = common::backend(&proxy.http_endpoint()).await;
+    let (r, events) = reader::<IpcacheEntry>(&away);
+    let recorded = record(events);
+    let w = writer(&backend, fast_config());
+    let mut truth: HashMap<u32, IpcacheEntry> = (0..1000).map(|i| (i, entry(i, 300))).collect();
+    for e in truth.values() {
+        w.upsert(e);
+    }
+    w.synced();
+    idle(&w, LONG).await;
+    converged(&r, &expected(&truth), LONG).await;
+    let before = backend.list("cilium/").await.unwrap().revision;
+
+    proxy.cut();
+    for i in 0..500 {
+        let e = entry(i, 600);
+        w.upsert(&e);
+        truth.insert(i, e);
+    }
+    for i in 900..1000 {
+        w.delete(&truth.remove(&i).unwrap());
+    }
+    idle(&w, LONG).await;
+    let now = backend.list("cilium/").await.unwrap().revision;
+    compact(&etcd.endpoint(), now).await;
+    // The history the reader would need is gone.
+    let mut stale = backend.watch("cilium/", before + 1).await.unwrap();
+    let first = futures::StreamExt::next(&mut stale).await;
+    assert!(
+        matches!(first, Some(Err(BackendError::Compacted { .. }))),
+        "a watch from a compacted revision fails: {first:?}"
+    );
+
+    proxy.restore();
+    let want = expected(&truth);
+    converged(&r, &want, LONG).await;
+    assert!(r.stats().restarts.load(Ordering::Relaxed) >= 1);
+    let rec = recorded.lock().unwrap();
+    assert!(
+        rec.deleted.iter().all(|k| !want.contains_key(k)),
+        "no live record reported deleted"
+    );
+    assert_eq!(rec.deleted.len(), 100);
+}
+
+async fn compact(endpoint: &str, revision: i64) {
+    let mut client = etcd_client::Client::connect([endpoint], None)
+        .await
+        .unwrap();
+    client
+        .compact(
+            revision,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .expect("compact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_writer_adopts_without_flapping() {
+    if !testkit::require_binary("etcd") {
+        return;
+    }
+    let etcd = EtcdServer::start().await;
+    let backend = backend(&etcd.endpoint()).await;
+    let (r, events) = reader::<IpcacheEntry>(&backend);
+    let recorded = record(events);
+    let truth: HashMap<u32, IpcacheEntry> = (0..500).map(|i| (i, entry(i, 300))).collect();
+    let first = writer(&backend, fast_config());
+    for e in truth.values() {
+        first.upsert(e);
+    }
+    first.synced();
+    idle(&first, LONG).await;
+    converged(&r, &expected(&truth), LONG).await;
+    let rev = backend.list("cilium/").await.unwrap().revision;
+    first.stop();
+
+    let second = writer(&backend, fast_config());
+    for e in truth.values() {
+        second.upsert(e);
+    }
+    second.synced();
+    idle(&second, LONG).await;
+    assert_eq!(
+        second.stats().puts.load(Ordering::Relaxed),
+        0,
+        "nothing unchanged is rewritten"
+    );
+    let listing = backend
+        .list(&IpcacheEntry::prefix(&cluster()))
+        .await
+        .unwrap();
+    assert!(listing.kvs.iter().all(|kv| kv.mod_revision <= rev));
+    assert!(recorded.lock().unwrap().deleted.is_empty());
+    assert_eq!(r.len(), 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_is_written_periodically() {
+    if !testkit::require_binary("etcd") {
+        return;
+    }
+    let etcd = EtcdServer::start().await;
+    let backend = backend(&etcd.endpoint()).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let hb_backend = backend.clone();
+    let task = tokio::spawn(async move {
+        let kv: &dyn KvWrite = &hb_backend;
+        kvstore::run_heartbeat(kv, Duration::from_millis(200), async {
+            let _ = stop_rx.await;
+        })
+        .await;
+    });
+    let first = testkit::wait_for(Duration::from_secs(10), "the first heartbeat", || async {
+        backend
+            .get(kvstore::keys::HEARTBEAT_KEY)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let text = String::from_utf8(first.value.clone()).unwrap();
+    assert!(
+        kvstore::keys::parse_rfc3339(&text).is_some(),
+        "{text:?} is RFC 3339"
+    );
+    testkit::wait_until(Duration::from_secs(10), "a second heartbeat", || async {
+        backend
+            .get(kvstore::keys::HEARTBEAT_KEY)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|kv| kv.mod_revision > first.mod_revision)
+    })
+    .await;
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the heartbeat stops on shutdown")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_config_round_trip() {
+    if !testkit::require_binary("etcd") {
+        return;
+    }
+    let etcd = EtcdServer::start().await;
+    let backend = backend(&etcd.endpoint()).await;
+    let err = kvstore::read_cluster_config(&backend, &cluster())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kvstore::ClusterConfigError::NotFound { .. }),
+        "{err}"
+    );
+    let config = api::ClusterConfig::new(api::ClusterId::new(CLUSTER_ID, MAX).unwrap(), MAX, false);
+    kvstore::write_cluster_config(&backend, &cluster(), &config, None)
+        .await
+        .unwrap();
+    let read = kvstore::read_cluster_config(&backend, &cluster())
+        .await
+        .unwrap();
+    assert_eq!(read, config);
+    backend
+        .put(&api::ClusterConfig::key(&cluster()), b"{\"id\":0}", None)
+        .await
+        .unwrap();
+    let err = kvstore::read_cluster_config(&backend, &cluster())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kvstore::ClusterConfigError::Invalid { .. }),
+        "{err}"
+    );
+}
