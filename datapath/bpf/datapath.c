@@ -12,6 +12,8 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
 #include <stddef.h>
 
 #include "datapath.h"
@@ -32,6 +34,11 @@ static long (*bpf_skb_store_bytes)(struct __sk_buff *skb, __u32 offset, const vo
 				   __u64 flags) = (void *)BPF_FUNC_skb_store_bytes;
 static long (*bpf_l3_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 from, __u64 to,
 				   __u64 size) = (void *)BPF_FUNC_l3_csum_replace;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)BPF_FUNC_map_update_elem;
+static long (*bpf_l4_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 from, __u64 to,
+				   __u64 flags) = (void *)BPF_FUNC_l4_csum_replace;
+static __s64 (*bpf_csum_diff)(__be32 *from, __u32 from_size, __be32 *to, __u32 to_size,
+			      __wsum seed) = (void *)BPF_FUNC_csum_diff;
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)BPF_FUNC_redirect;
 static long (*bpf_redirect_peer)(__u32 ifindex, __u64 flags) = (void *)BPF_FUNC_redirect_peer;
 static long (*bpf_skb_get_tunnel_key)(struct __sk_buff *skb, struct bpf_tunnel_key *key, __u32 size,
@@ -82,6 +89,23 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } backends SEC(".maps");
 
+/* Defaults only: the loader sets max_entries (tables * table size). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 128 * 16381);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_ct SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct policy_key);
@@ -121,10 +145,11 @@ struct pkt {
 	__u8 proto;
 	__u8 ttl;
 	__u8 pad;
-	__u16 sport;
+	__u16 sport; /* sport and dport adjacent: flow_hash reads them as one word */
 	__u16 dport;
 	__u8 saddr[16];
 	__u8 daddr[16];
+	__u32 l4_off; /* offset of the TCP/UDP header from skb->data */
 };
 
 /* What a forwarding decision carries into an event. */
@@ -157,6 +182,7 @@ static __always_inline enum parse_result parse_l3(struct __sk_buff *skb, __u32 l
 		__builtin_memcpy(p->daddr, &ip->daddr, 4);
 		frag_off = ip->frag_off & bpf_htons(0x1fff);
 		l4 = (void *)ip + ip->ihl * 4;
+		p->l4_off = l3_off + ip->ihl * 4;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = data + l3_off;
 
@@ -170,6 +196,7 @@ static __always_inline enum parse_result parse_l3(struct __sk_buff *skb, __u32 l
 		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
 		l4 = (void *)(ip6 + 1);
+		p->l4_off = l3_off + sizeof(*ip6);
 	} else {
 		return PARSE_NOT_IP;
 	}
@@ -333,6 +360,214 @@ static __always_inline int to_endpoint(struct __sk_buff *skb, const struct pkt *
 	return bpf_redirect_peer(ep->ifindex, 0);
 }
 
+/* ---- service load balancing (see the crate docs, "Services") ---- */
+
+static __always_inline __u32 rotl32(__u32 x, __u32 r)
+{
+	return (x << r) | (x >> (32 - r));
+}
+
+static __always_inline __u32 murmur_step(__u32 h, __u32 k)
+{
+	k *= 0xcc9e2d51;
+	k = rotl32(k, 15);
+	k *= 0x1b873593;
+	h ^= k;
+	h = rotl32(h, 13);
+	return h * 5 + 0xe6546b64;
+}
+
+/* See FLOW_HASH_SEED in datapath.h; mirrored by datapath::lb::flow_hash. */
+static __always_inline __u32 flow_hash(const struct pkt *p)
+{
+	__u32 w[4], ports, h = FLOW_HASH_SEED;
+
+	__builtin_memcpy(w, p->saddr, 16);
+	h = murmur_step(h, w[0]);
+	h = murmur_step(h, w[1]);
+	h = murmur_step(h, w[2]);
+	h = murmur_step(h, w[3]);
+	__builtin_memcpy(w, p->daddr, 16);
+	h = murmur_step(h, w[0]);
+	h = murmur_step(h, w[1]);
+	h = murmur_step(h, w[2]);
+	h = murmur_step(h, w[3]);
+	__builtin_memcpy(&ports, &p->sport, 4);
+	h = murmur_step(h, ports);
+	h = murmur_step(h, (__u32)p->proto | ((__u32)p->family << 8));
+	h ^= 40;
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline void ct_key_of(struct ct_key *k, const struct pkt *p, __u8 dir)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	__builtin_memcpy(k->saddr, p->saddr, 16);
+	__builtin_memcpy(k->daddr, p->daddr, 16);
+	k->sport = p->sport;
+	k->dport = p->dport;
+	k->proto = p->proto;
+	k->family = p->family;
+	k->dir = dir;
+}
+
+#define NAT_SRC 0
+#define NAT_DST 1
+
+/* Rewrites the source or destination address and port of a TCP/UDP packet
+ * and fixes the IPv4 header checksum and the L4 checksum (pseudo header
+ * included; with CHECKSUM_PARTIAL the helpers update only the pseudo-header
+ * part, as the device finishes the sum). addr is 16 bytes on the stack
+ * (IPv4 in the first four). Updates p. */
+static __always_inline int nat_rewrite(struct __sk_buff *skb, __u32 l3_off, struct pkt *p, int which,
+				       __u8 *addr, __u16 port)
+{
+	__u32 csum_off = p->l4_off + (p->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
+							    : offsetof(struct udphdr, check));
+	/* UDP over IPv4 may carry no checksum (0): keep it so, and never
+	 * produce 0 from a real sum. */
+	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__u8 *old_addr = which == NAT_DST ? p->daddr : p->saddr;
+	__u16 old_port = which == NAT_DST ? p->dport : p->sport;
+	__u32 port_off = p->l4_off + (which == NAT_DST ? offsetof(struct tcphdr, dest) : offsetof(struct tcphdr, source));
+
+	if (p->family == FAMILY_IPV4) {
+		__u32 from, to;
+		__u32 addr_off = l3_off + (which == NAT_DST ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+
+		__builtin_memcpy(&from, old_addr, 4);
+		__builtin_memcpy(&to, addr, 4);
+		if (bpf_skb_store_bytes(skb, addr_off, &to, 4, 0) < 0 ||
+		    bpf_l3_csum_replace(skb, l3_off + offsetof(struct iphdr, check), from, to, 4) < 0 ||
+		    bpf_l4_csum_replace(skb, csum_off, from, to, BPF_F_PSEUDO_HDR | mangled | 4) < 0)
+			return -1;
+	} else {
+		__u32 addr_off = l3_off + (which == NAT_DST ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+		__s64 diff = bpf_csum_diff((__be32 *)old_addr, 16, (__be32 *)addr, 16, 0);
+
+		if (diff < 0 || bpf_skb_store_bytes(skb, addr_off, addr, 16, 0) < 0 ||
+		    bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) < 0)
+			return -1;
+	}
+	if (old_port != port &&
+	    (bpf_skb_store_bytes(skb, port_off, &port, 2, 0) < 0 ||
+	     bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | 2) < 0))
+		return -1;
+	__builtin_memcpy(old_addr, addr, 16);
+	if (which == NAT_DST)
+		p->dport = port;
+	else
+		p->sport = port;
+	return 0;
+}
+
+static __always_inline int lb_proto(const struct pkt *p)
+{
+	/* Non-first fragments carry no ports (0): they are never translated. */
+	return (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) && p->dport && p->sport;
+}
+
+/* The backend a flow to svc uses: the one its ct entry names while that is
+ * still a usable backend of this service, else the Maglev table's choice
+ * (recorded in ct). NULL when the service has no usable backend. */
+static __always_inline const struct backend_value *lb_select(const struct pkt *p, const struct service_value *svc,
+							     struct ct_key *fk, __u32 *backend_id)
+{
+	const struct backend_value *be;
+	struct ct_value *ct = bpf_map_lookup_elem(&lb_ct, fk);
+
+	if (ct) {
+		*backend_id = ct->backend_id;
+		be = bpf_map_lookup_elem(&backends, backend_id);
+		if (be && be->service_id == svc->service_id && be->state != BACKEND_STATE_QUARANTINED)
+			return be;
+	}
+
+	const struct datapath_config *cfg = config();
+	if (!svc->backend_count || !cfg || !cfg->maglev_size)
+		return NULL;
+	__u32 idx = svc->maglev_id * cfg->maglev_size + flow_hash(p) % cfg->maglev_size;
+	__u32 *id = bpf_map_lookup_elem(&maglev, &idx);
+	if (!id)
+		return NULL;
+	*backend_id = *id;
+	be = bpf_map_lookup_elem(&backends, backend_id);
+	/* A table being rewritten for another service is never read (the
+	 * service entry switches tables only after the write), but check. */
+	if (!be || be->service_id != svc->service_id)
+		return NULL;
+
+	struct ct_value fv = { .service_id = svc->service_id, .backend_id = *backend_id };
+	bpf_map_update_elem(&lb_ct, fk, &fv, BPF_ANY); /* LRU: makes room itself */
+	return be;
+}
+
+/* from_pod: a packet to a service frontend gets a backend as destination.
+ * 0: not a service, or translated (p updated); else a DROP_* reason. */
+static __always_inline int lb_translate(struct __sk_buff *skb, __u32 l3_off, struct pkt *p)
+{
+	struct service_key sk = { .port = p->dport, .proto = p->proto, .family = p->family };
+	struct ct_key fk, rk;
+	__u32 backend_id = 0;
+	__u8 addr[16];
+	__u16 port;
+
+	if (!lb_proto(p))
+		return 0;
+	__builtin_memcpy(sk.addr, p->daddr, 16);
+	const struct service_value *svc = bpf_map_lookup_elem(&services, &sk);
+	if (!svc)
+		return 0;
+	ct_key_of(&fk, p, CT_FORWARD);
+	const struct backend_value *be = lb_select(p, svc, &fk, &backend_id);
+	if (!be)
+		return DROP_NO_BACKEND;
+	__builtin_memcpy(addr, be->addr, 16);
+	port = be->port;
+
+	/* The reverse entry, keyed by the reply as the backend sends it. */
+	__builtin_memset(&rk, 0, sizeof(rk));
+	__builtin_memcpy(rk.saddr, addr, 16);
+	__builtin_memcpy(rk.daddr, p->saddr, 16);
+	rk.sport = port;
+	rk.dport = p->sport;
+	rk.proto = p->proto;
+	rk.family = p->family;
+	rk.dir = CT_REVERSE;
+	struct ct_value *old = bpf_map_lookup_elem(&lb_ct, &rk);
+	if (!old || old->backend_id != backend_id || old->service_id != svc->service_id) {
+		struct ct_value rv = { .port = p->dport, .service_id = svc->service_id, .backend_id = backend_id };
+
+		__builtin_memcpy(rv.addr, p->daddr, 16);
+		bpf_map_update_elem(&lb_ct, &rk, &rv, BPF_ANY);
+	}
+	return nat_rewrite(skb, l3_off, p, NAT_DST, addr, port) < 0 ? DROP_HEADER_REWRITE : 0;
+}
+
+/* Before delivery to a local pod (and in from_pod, for a reply that a local
+ * backend sends): a reply of a translated flow gets the frontend back as its
+ * source. 0: not a reply of a translated flow; 1: rewritten (p updated);
+ * -1: rewrite failed. */
+static __always_inline int lb_reverse(struct __sk_buff *skb, __u32 l3_off, struct pkt *p)
+{
+	struct ct_key rk;
+	__u8 addr[16];
+
+	if (!lb_proto(p))
+		return 0;
+	ct_key_of(&rk, p, CT_REVERSE);
+	const struct ct_value *rv = bpf_map_lookup_elem(&lb_ct, &rk);
+	if (!rv)
+		return 0;
+	__builtin_memcpy(addr, rv->addr, 16);
+	return nat_rewrite(skb, l3_off, p, NAT_SRC, addr, rv->port) < 0 ? -1 : 1;
+}
+
 /* ---- programs ---- */
 
 /* tc ingress on the host side of a pod's veth: packets the pod sends. */
@@ -355,7 +590,17 @@ int from_pod(struct __sk_buff *skb)
 		return drop(skb, &p, DROP_UNKNOWN_SOURCE, &f);
 	f.identity = src->identity;
 
-	/* slot: service translation (services, backends maps) rewrites p.daddr */
+	/* A reply from a backend here to a client of a translated flow gets
+	 * the frontend back; anything else may be addressed to a service. */
+	int rev = lb_reverse(skb, ETH_HLEN, &p);
+	if (rev < 0)
+		return drop(skb, &p, DROP_HEADER_REWRITE, &f);
+	if (!rev) {
+		int reason = lb_translate(skb, ETH_HLEN, &p);
+
+		if (reason)
+			return drop(skb, &p, reason, &f);
+	}
 	/* slot: egress policy (policy map, POLICY_EGRESS, src->endpoint_id) */
 
 	const struct endpoint_info *dst = lookup_endpoint(p.family, p.daddr);
@@ -404,6 +649,9 @@ static __always_inline int overlay_deliver(struct __sk_buff *skb, __u32 identity
 	const struct endpoint_info *dst = lookup_endpoint(p.family, p.daddr);
 	if (!dst)
 		return drop(skb, &p, DROP_UNKNOWN_ENDPOINT, &f);
+	/* The reply of a remote backend to a client here. */
+	if (lb_reverse(skb, ETH_HLEN, &p) < 0)
+		return drop(skb, &p, DROP_HEADER_REWRITE, &f);
 	return to_endpoint(skb, &p, dst, &f);
 }
 
@@ -447,6 +695,9 @@ static __always_inline int host_deliver(struct __sk_buff *skb, __u32 l3_off)
 		return TC_ACT_OK;
 	const struct ipcache_value *src = lookup_ipcache(p.family, p.saddr);
 	f.identity = src ? src->identity : IDENTITY_WORLD;
+	/* The reply of a natively routed or encrypted remote backend. */
+	if (lb_reverse(skb, l3_off, &p) < 0)
+		return drop(skb, &p, DROP_HEADER_REWRITE, &f);
 	if (dec_ttl(skb, l3_off, &p) < 0)
 		return drop(skb, &p, DROP_TTL_EXCEEDED, &f);
 	if (l3_off == 0) {

@@ -16,7 +16,7 @@
 
 #include <linux/types.h>
 
-#define DATAPATH_ABI_VERSION 1
+#define DATAPATH_ABI_VERSION 2
 
 /* Address families in keys and events (not AF_*: these are stable on disk). */
 #define FAMILY_IPV4 4
@@ -62,7 +62,8 @@ struct endpoint_info {
 	__u8 pad[4];
 };
 
-/* services: hash, frontend -> service. Lookup lands with the services issue. */
+/* services: hash, frontend -> service. from_pod looks the destination up
+ * here (TCP/UDP only) and translates it to a backend. */
 struct service_key {
 	__u8 addr[16];
 	__u16 port; /* network byte order */
@@ -73,18 +74,24 @@ struct service_key {
 #define SERVICE_F_AFFINITY_LOCAL (1U << 0)
 #define SERVICE_F_AFFINITY_REMOTE (1U << 1)
 #define SERVICE_F_SHARED (1U << 2)
+#define SERVICE_F_GLOBAL (1U << 3)
+
+/* maglev_id of a service without a table (backend_count is 0). */
+#define MAGLEV_NO_TABLE 0xffffffffU
 
 struct service_value {
-	__u32 backend_count;
-	__u32 maglev_id; /* index of the service's Maglev table */
-	__u32 flags;     /* SERVICE_F_* */
-	__u32 rev_nat_id;
+	__u32 service_id;    /* stable per frontend; backends and ct entries carry it */
+	__u32 backend_count; /* backends in the Maglev table; 0 = drop (DROP_NO_BACKEND) */
+	__u32 maglev_id;     /* table number in the maglev array */
+	__u32 flags;         /* SERVICE_F_*: informational, the loader applies affinity */
 };
 
-/* backends: hash, backend id (__u32) -> backend. */
-#define BACKEND_STATE_ACTIVE 0
-#define BACKEND_STATE_TERMINATING 1
-#define BACKEND_STATE_QUARANTINED 2
+/* backends: hash, backend id (__u32) -> backend. Backend ids belong to one
+ * service (service_id) and are not reused while the agent runs, so a ct entry
+ * naming a deleted or foreign backend is detected and the flow re-balanced. */
+#define BACKEND_STATE_ACTIVE 0      /* in the Maglev table, takes new flows */
+#define BACKEND_STATE_TERMINATING 1 /* no new flows, existing flows stay */
+#define BACKEND_STATE_QUARANTINED 2 /* no flows: existing flows are re-balanced */
 
 struct backend_value {
 	__u8 addr[16];
@@ -94,6 +101,43 @@ struct backend_value {
 	__u16 cluster_id;
 	__u8 state; /* BACKEND_STATE_* */
 	__u8 pad;
+	__u32 service_id;
+};
+
+/* maglev: array of __u32 backend ids, table t at [t * M, (t + 1) * M), where
+ * M = datapath_config.maglev_size (prime). max_entries is set by the loader
+ * (tables * M). A service's slot for a flow is flow_hash % M. */
+
+/* lb_ct: LRU hash of translated flows. A CT_FORWARD entry is keyed by the
+ * client's packet as sent (client -> frontend) and names the backend, so the
+ * flow sticks to it; a CT_REVERSE entry is keyed by the backend's reply
+ * (backend -> client) and holds the frontend to restore as its source. */
+#define CT_FORWARD 0
+#define CT_REVERSE 1
+
+struct ct_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport; /* network byte order */
+	__u16 dport; /* network byte order */
+	__u8 proto;
+	__u8 family;
+	__u8 dir; /* CT_FORWARD / CT_REVERSE */
+	__u8 pad;
+};
+
+/* The flow hash that picks a Maglev slot: murmur3_32 (seed FLOW_HASH_SEED)
+ * over ten 32-bit words in native byte order: saddr[16], daddr[16], the
+ * ports as they sit in the packet (sport then dport), proto | family << 8;
+ * length 40. Mirrored by datapath::lb::flow_hash. */
+#define FLOW_HASH_SEED 0x6d657368U
+
+struct ct_value {
+	__u8 addr[16]; /* CT_REVERSE: frontend address */
+	__u16 port;    /* CT_REVERSE: frontend port, network byte order */
+	__u8 pad[2];
+	__u32 service_id;
+	__u32 backend_id;
 };
 
 /* policy: hash. Lookup lands with the policy issue. */
@@ -124,6 +168,8 @@ struct policy_value {
 struct datapath_config {
 	__u32 flags;
 	__u32 vxlan_ifindex; /* VXLAN device (external mode) in the node namespace */
+	__u32 maglev_size;   /* slots per Maglev table (prime); 0 = no service translation */
+	__u32 pad;
 };
 
 /* events: ring buffer of struct event. */
@@ -139,6 +185,7 @@ struct datapath_config {
 #define DROP_NO_OVERLAY 6       /* tunnel needed but no VXLAN device configured */
 #define DROP_HEADER_REWRITE 7   /* a helper failed to rewrite the packet */
 #define DROP_POLICY_DENIED 8    /* reserved for the policy issue */
+#define DROP_NO_BACKEND 9       /* from_pod: service frontend without a usable backend */
 
 /* Trace observation points (EVENT_TRACE). */
 #define TRACE_TO_ENDPOINT 1 /* redirected to a local pod (target = its veth) */

@@ -26,6 +26,25 @@ pub const SERVICE_F_AFFINITY_LOCAL: u32 = 1 << 0;
 pub const SERVICE_F_AFFINITY_REMOTE: u32 = 1 << 1;
 /// Service is `shared` across clusters.
 pub const SERVICE_F_SHARED: u32 = 1 << 2;
+/// Service is global (answers from the backends of every cluster).
+pub const SERVICE_F_GLOBAL: u32 = 1 << 3;
+/// `service_value.maglev_id` of a service without a table.
+pub const MAGLEV_NO_TABLE: u32 = u32::MAX;
+
+/// `backend_value.state`: in the Maglev table, takes new flows.
+pub const BACKEND_STATE_ACTIVE: u8 = 0;
+/// `backend_value.state`: no new flows; flows pinned in conntrack stay.
+pub const BACKEND_STATE_TERMINATING: u8 = 1;
+/// `backend_value.state`: no flows; pinned flows are re-balanced.
+pub const BACKEND_STATE_QUARANTINED: u8 = 2;
+
+/// `ct_key.dir`: the client's packet to the frontend.
+pub const CT_FORWARD: u8 = 0;
+/// `ct_key.dir`: the backend's reply to the client.
+pub const CT_REVERSE: u8 = 1;
+
+/// Seed of the flow hash that picks a Maglev slot (`FLOW_HASH_SEED`).
+pub const FLOW_HASH_SEED: u32 = 0x6d65_7368;
 
 /// `policy_key.direction` for traffic into an endpoint.
 pub const POLICY_INGRESS: u8 = 0;
@@ -104,10 +123,10 @@ pub struct ServiceKey {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct ServiceValue {
+    pub service_id: u32,
     pub backend_count: u32,
     pub maglev_id: u32,
     pub flags: u32,
-    pub rev_nat_id: u32,
 }
 
 /// `struct backend_value` (key: a `u32` backend id).
@@ -121,6 +140,32 @@ pub struct BackendValue {
     pub cluster_id: u16,
     pub state: u8,
     pub pad: u8,
+    pub service_id: u32,
+}
+
+/// `struct ct_key`: one direction of a translated flow.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub dir: u8,
+    pub pad: u8,
+}
+
+/// `struct ct_value`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CtValue {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub pad: [u8; 2],
+    pub service_id: u32,
+    pub backend_id: u32,
 }
 
 /// `struct policy_key`.
@@ -150,6 +195,9 @@ pub struct PolicyValue {
 pub struct DatapathConfig {
     pub flags: u32,
     pub vxlan_ifindex: u32,
+    /// Slots per Maglev table; 0 disables service translation.
+    pub maglev_size: u32,
+    pub pad: u32,
 }
 
 /// `struct event`: one ring buffer record.
@@ -188,6 +236,8 @@ pod!(
     ServiceKey,
     ServiceValue,
     BackendValue,
+    CtKey,
+    CtValue,
     PolicyKey,
     PolicyValue,
     DatapathConfig,

@@ -57,6 +57,8 @@ pub enum DropReason {
     HeaderRewrite,
     /// Denied by policy.
     PolicyDenied,
+    /// `from_pod`: a service frontend without a usable backend.
+    NoBackend,
     /// A code this version does not know (newer programs).
     Other(u8),
 }
@@ -72,6 +74,7 @@ impl DropReason {
             6 => Self::NoOverlay,
             7 => Self::HeaderRewrite,
             8 => Self::PolicyDenied,
+            9 => Self::NoBackend,
             other => Self::Other(other),
         }
     }

@@ -112,6 +112,7 @@
 pub mod abi;
 mod attach;
 pub mod events;
+pub mod lb;
 pub mod maglev;
 pub mod maps;
 pub mod netns;
@@ -126,6 +127,10 @@ use aya::{
 
 pub use attach::{AttachOutcome, Error as AttachError, HostDevice};
 pub use events::{DropReason, Event, EventKind, EventStream, TracePoint};
+pub use lb::{
+    Backend, BackendState, Frontend, LoadBalancer, Protocol, ServiceFlags, ServiceUpdate,
+    ServiceView,
+};
 pub use maps::{Endpoint, Endpoints, Ipcache, IpcacheEntry, IpcacheFlags};
 
 use abi::{DatapathConfig, CONFIG_F_TRACE};
@@ -138,6 +143,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Pinned maps with their key and value sizes, checked when a pin is adopted.
 const PINNED_MAPS: &[(&str, usize, usize)] = &[
+    ("maglev", size_of::<u32>(), size_of::<u32>()),
+    ("lb_ct", size_of::<abi::CtKey>(), size_of::<abi::CtValue>()),
     (
         "ipcache",
         size_of::<abi::IpcacheKey>(),
@@ -161,6 +168,44 @@ const PINNED_MAPS: &[(&str, usize, usize)] = &[
     ),
     ("dp_config", size_of::<u32>(), size_of::<DatapathConfig>()),
 ];
+
+/// Sizes chosen at load time. They shape pinned maps, so a restarted loader
+/// must pass the same values (a pin of another geometry is refused with
+/// [`Error::IncompatibleMap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatapathOptions {
+    /// Slots per Maglev table (prime; default 16381).
+    pub maglev_table_size: maglev::TableSize,
+    /// Maglev tables in the `maglev` array: one per service with backends,
+    /// plus one spare so a service can be switched to a new table
+    /// atomically. Memory: `tables × size × 8` bytes, allocated at load.
+    pub maglev_tables: u32,
+    /// Entries of the `lb_ct` LRU map (two per translated flow).
+    pub conntrack_entries: u32,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            maglev_table_size: maglev::TableSize::default(),
+            maglev_tables: 128,
+            conntrack_entries: 65_536,
+        }
+    }
+}
+
+impl DatapathOptions {
+    fn maglev_entries(&self) -> Result<u32, Error> {
+        let size = self.maglev_table_size.get();
+        self.maglev_tables
+            .checked_mul(size)
+            .filter(|_| self.maglev_tables >= 2)
+            .ok_or(Error::MaglevGeometry {
+                tables: self.maglev_tables,
+                size,
+            })
+    }
+}
 
 /// The programs in the object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -235,6 +280,22 @@ pub enum Error {
         found_key: u32,
         found_value: u32,
     },
+    /// A pinned map has another number of entries than the options ask for.
+    #[error(
+        "pinned map {path} has {found} entries, the options ask for {want}; load with the \
+         options it was created with, or remove the pin (this drops its entries)"
+    )]
+    MapEntries {
+        path: PathBuf,
+        want: u32,
+        found: u32,
+    },
+    /// The Maglev geometry does not fit a map (fewer than two tables, or
+    /// more than `u32::MAX` slots in all).
+    #[error(
+        "{tables} maglev tables of {size} slots: need at least 2 tables and at most 2^32 slots"
+    )]
+    MaglevGeometry { tables: u32, size: u32 },
     /// Reading the info of a pinned map failed.
     #[error("cannot inspect pinned map {path}")]
     MapInfo {
@@ -286,10 +347,25 @@ impl Datapath {
     /// when an adopted pin has another layout, [`Error::Load`] / [`Error::Program`]
     /// when the kernel refuses the object (e.g. no CAP_BPF).
     pub fn load_or_adopt(bpffs_dir: &Path) -> Result<Self, Error> {
+        Self::load_or_adopt_with(bpffs_dir, &DatapathOptions::default())
+    }
+
+    /// [`Datapath::load_or_adopt`] with explicit map sizes.
+    ///
+    /// # Errors
+    ///
+    /// As [`Datapath::load_or_adopt`], plus [`Error::MaglevGeometry`] for
+    /// impossible options and [`Error::MapEntries`] when an adopted pin was
+    /// created with other sizes.
+    pub fn load_or_adopt_with(bpffs_dir: &Path, options: &DatapathOptions) -> Result<Self, Error> {
+        let maglev_entries = options.maglev_entries()?;
         ensure_bpffs(bpffs_dir)?;
         check_pinned_maps(bpffs_dir)?;
+        check_map_entries(bpffs_dir, "maglev", maglev_entries)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs_dir)
+            .map_max_entries("maglev", maglev_entries)
+            .map_max_entries("lb_ct", options.conntrack_entries)
             .load(OBJECT)
             .map_err(|source| Error::Load {
                 path: bpffs_dir.to_owned(),
@@ -299,6 +375,8 @@ impl Datapath {
             ebpf,
             dir: bpffs_dir.to_owned(),
         };
+        let size = options.maglev_table_size.get();
+        dp.update_config(|c| c.maglev_size = size)?;
         for program in [
             Program::FromPod,
             Program::FromOverlay,
@@ -356,6 +434,16 @@ impl Datapath {
     /// [`maps::Error::Open`] when the pin cannot be opened.
     pub fn endpoints(&self) -> Result<Endpoints, Error> {
         Ok(Endpoints::open(&self.dir)?)
+    }
+
+    /// The writer of the services, backends and Maglev maps (one per node:
+    /// see [`LoadBalancer`]).
+    ///
+    /// # Errors
+    ///
+    /// [`lb::Error`] when the pins cannot be opened or read.
+    pub fn load_balancer(&self) -> Result<LoadBalancer, lb::Error> {
+        LoadBalancer::open(&self.dir)
     }
 
     /// An async stream of drop and trace events. Call inside a tokio runtime;
@@ -451,6 +539,26 @@ fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
         source,
     })?;
     tracing::info!(dir = %dir.display(), "mounted bpffs");
+    Ok(())
+}
+
+/// Refuses to adopt a pinned map created with another number of entries.
+fn check_map_entries(dir: &Path, name: &str, want: u32) -> Result<(), Error> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapInfo::from_pin(&path).map_err(|source| Error::MapInfo {
+        path: path.clone(),
+        source: Box::new(source),
+    })?;
+    if info.max_entries() != want {
+        return Err(Error::MapEntries {
+            path,
+            want,
+            found: info.max_entries(),
+        });
+    }
     Ok(())
 }
 

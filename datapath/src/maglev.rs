@@ -235,8 +235,8 @@ pub struct Member {
     pub weight: u32,
 }
 
-/// A filled Maglev table.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A filled Maglev table (the default is the empty table of no backends).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Table {
     members: Vec<Member>,
     slots: Vec<u32>,

@@ -57,7 +57,7 @@ pub enum Error {
     },
 }
 
-fn open<T>(dir: &Path, name: &'static str) -> Result<T, Error>
+pub(crate) fn open<T>(dir: &Path, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<Map, Error = MapError>,
 {
@@ -73,7 +73,7 @@ where
 
 /// A miss: aya reports it as `KeyNotFound` for lookups and as `ENOENT` from
 /// the syscall for deletes.
-fn is_not_found(e: &MapError) -> bool {
+pub(crate) fn is_not_found(e: &MapError) -> bool {
     match e {
         MapError::KeyNotFound => true,
         MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
@@ -81,7 +81,7 @@ fn is_not_found(e: &MapError) -> bool {
     }
 }
 
-fn addr_bytes(ip: IpAddr) -> (u8, [u8; 16]) {
+pub(crate) fn addr_bytes(ip: IpAddr) -> (u8, [u8; 16]) {
     let mut addr = [0u8; 16];
     match ip {
         IpAddr::V4(v4) => {
@@ -92,7 +92,7 @@ fn addr_bytes(ip: IpAddr) -> (u8, [u8; 16]) {
     }
 }
 
-fn bytes_addr(family: u8, addr: [u8; 16]) -> Option<IpAddr> {
+pub(crate) fn bytes_addr(family: u8, addr: [u8; 16]) -> Option<IpAddr> {
     match family {
         FAMILY_IPV4 => Some(IpAddr::V4(Ipv4Addr::new(
             addr[0], addr[1], addr[2], addr[3],

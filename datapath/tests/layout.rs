@@ -44,13 +44,25 @@ fn rust_layout() -> Vec<(&'static str, &'static str, usize)> {
         v,
         "service_value",
         ServiceValue,
-        [backend_count, maglev_id, flags, rev_nat_id]
+        [service_id, backend_count, maglev_id, flags]
     );
     layout!(
         v,
         "backend_value",
         BackendValue,
-        [addr, port, proto, family, cluster_id, state, pad]
+        [addr, port, proto, family, cluster_id, state, pad, service_id]
+    );
+    layout!(
+        v,
+        "ct_key",
+        CtKey,
+        [saddr, daddr, sport, dport, proto, family, dir, pad]
+    );
+    layout!(
+        v,
+        "ct_value",
+        CtValue,
+        [addr, port, pad, service_id, backend_id]
     );
     layout!(
         v,
@@ -64,7 +76,12 @@ fn rust_layout() -> Vec<(&'static str, &'static str, usize)> {
         PolicyValue,
         [verdict, pad, packets, bytes]
     );
-    layout!(v, "datapath_config", DatapathConfig, [flags, vxlan_ifindex]);
+    layout!(
+        v,
+        "datapath_config",
+        DatapathConfig,
+        [flags, vxlan_ifindex, maglev_size, pad]
+    );
     layout!(
         v,
         "event",

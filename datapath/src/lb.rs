@@ -1,0 +1,781 @@
+//! Service load balancing: the typed writer of the `services`, `backends` and
+//! `maglev` maps, and the mirror of the datapath's flow hash.
+//!
+//! [`LoadBalancer`] is the one writer per node (the agent holds it; it is
+//! not `Clone`). [`LoadBalancer::set_service`] takes the *whole* desired state
+//! of one frontend (its backends with their cluster, state, weight and
+//! preference) and makes the maps say exactly that, in an order that never
+//! shows a packet a half-written service:
+//!
+//! 1. new and changed backends are written to `backends` (fresh ids);
+//! 2. if the set of table members changed, a new Maglev table is built
+//!    ([`crate::maglev`]) and written into a *free* table of the `maglev`
+//!    array; an unchanged set reuses the table (no build, no write);
+//! 3. the `services` entry is replaced in one map update: from the next
+//!    packet on, the new table and backend count are used;
+//! 4. the old table is freed, and backends no longer wanted are deleted.
+//!
+//! # What goes into the table
+//!
+//! Only [`BackendState::Active`] backends take new flows. If any active
+//! backend is `preferred`, only the preferred ones are in the table and the
+//! others are kept as fallback: this is how `affinity` is applied (the agent
+//! marks local backends preferred for `affinity=local`, remote ones for
+//! `remote`, none for `none`), the way Cilium does it. Non-members stay in
+//! `backends`, so flows already pinned to them in conntrack continue
+//! ([`BackendState::Terminating`] likewise); a
+//! [`BackendState::Quarantined`] backend's flows are re-balanced.
+//!
+//! # Ids
+//!
+//! Service ids are stable per frontend while it exists. Backend ids belong to
+//! one service and are not reused while this writer lives (and are allocated
+//! above every id found in the maps when it is opened), so a conntrack entry
+//! naming a backend that was deleted, or that belongs to another service, is
+//! recognised by the datapath and the flow is balanced again.
+//!
+//! # Restarts
+//!
+//! [`LoadBalancer::open`] adopts what the pinned maps hold (services, their
+//! backends and table numbers) and deletes backends of no service (left by a
+//! writer that died between steps). Weights and preferences are not stored in
+//! the kernel, so the first `set_service` of an adopted service rebuilds its
+//! table once; it is identical if the backend set is (Maglev is
+//! deterministic), so no flow moves.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    path::Path,
+};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
+
+use crate::{
+    abi::{
+        BackendValue, DatapathConfig, ServiceKey, ServiceValue, BACKEND_STATE_ACTIVE,
+        BACKEND_STATE_QUARANTINED, BACKEND_STATE_TERMINATING, FLOW_HASH_SEED, MAGLEV_NO_TABLE,
+        SERVICE_F_AFFINITY_LOCAL, SERVICE_F_AFFINITY_REMOTE, SERVICE_F_GLOBAL, SERVICE_F_SHARED,
+    },
+    maglev::{self, BackendKey, Member, Table, TableSize},
+    maps::{self, addr_bytes, bytes_addr, is_not_found},
+};
+
+pub use crate::maglev::Protocol;
+
+const SERVICES: &str = "services";
+const BACKENDS: &str = "backends";
+const MAGLEV: &str = "maglev";
+const CONFIG: &str = "dp_config";
+
+/// Errors of the load balancer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A pinned map could not be opened or a map operation failed.
+    #[error(transparent)]
+    Map(#[from] maps::Error),
+    /// The datapath was loaded without a Maglev table size.
+    #[error("the datapath under {path} has no maglev table size configured (load it first)")]
+    NotConfigured { path: std::path::PathBuf },
+    /// A backend's address family differs from the frontend's (no NAT46).
+    #[error("backend {backend} of frontend {frontend} is not of the frontend's address family")]
+    FamilyMismatch {
+        frontend: Frontend,
+        backend: SocketAddr,
+    },
+    /// Port 0 in a frontend or backend.
+    #[error("port 0 in {addr} (frontend {frontend})")]
+    ZeroPort {
+        frontend: Frontend,
+        addr: SocketAddr,
+    },
+    /// The backend set is not valid for a Maglev table.
+    #[error("invalid backend set for frontend {frontend}")]
+    Maglev {
+        frontend: Frontend,
+        #[source]
+        source: maglev::Error,
+    },
+    /// Every Maglev table is in use.
+    #[error("all {tables} maglev tables are in use (load the datapath with more tables)")]
+    TablesExhausted { tables: u32 },
+    /// The 32-bit id space is used up.
+    #[error("no free {what} id")]
+    IdsExhausted { what: &'static str },
+}
+
+/// A service frontend: the address and port clients connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    /// Frontend IP (a cluster IP) and port.
+    pub addr: SocketAddr,
+    /// Transport protocol (backends use the same).
+    pub proto: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.proto)
+    }
+}
+
+/// How a backend takes part (`BACKEND_STATE_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum BackendState {
+    /// Takes new flows.
+    #[default]
+    Active,
+    /// Takes no new flows; flows already pinned to it stay (draining).
+    Terminating,
+    /// Takes no flows; flows pinned to it are balanced again.
+    Quarantined,
+}
+
+impl BackendState {
+    const fn code(self) -> u8 {
+        match self {
+            Self::Active => BACKEND_STATE_ACTIVE,
+            Self::Terminating => BACKEND_STATE_TERMINATING,
+            Self::Quarantined => BACKEND_STATE_QUARANTINED,
+        }
+    }
+
+    const fn from_code(code: u8) -> Self {
+        match code {
+            BACKEND_STATE_ACTIVE => Self::Active,
+            BACKEND_STATE_TERMINATING => Self::Terminating,
+            _ => Self::Quarantined,
+        }
+    }
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Backend (pod) IP and target port.
+    pub addr: SocketAddr,
+    /// Cluster the backend runs in.
+    pub cluster_id: u16,
+    /// Whether it takes new flows.
+    pub state: BackendState,
+    /// Relative weight in the Maglev table, at least 1.
+    pub weight: u32,
+    /// Affinity: when any active backend is preferred, only preferred ones
+    /// take new flows (see the module docs).
+    pub preferred: bool,
+}
+
+impl Backend {
+    /// An active backend of weight 1, not preferred.
+    pub const fn new(addr: SocketAddr, cluster_id: u16) -> Self {
+        Self {
+            addr,
+            cluster_id,
+            state: BackendState::Active,
+            weight: 1,
+            preferred: false,
+        }
+    }
+}
+
+/// Service flags (`SERVICE_F_*`). The datapath does not act on them (the
+/// table contents carry affinity); they are stored so the maps say what the
+/// service is, e.g. for `meshctl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ServiceFlags(u32);
+
+impl ServiceFlags {
+    /// No flags.
+    pub const NONE: Self = Self(0);
+    /// `affinity: local`.
+    pub const AFFINITY_LOCAL: Self = Self(SERVICE_F_AFFINITY_LOCAL);
+    /// `affinity: remote`.
+    pub const AFFINITY_REMOTE: Self = Self(SERVICE_F_AFFINITY_REMOTE);
+    /// `shared` (exported to other clusters).
+    pub const SHARED: Self = Self(SERVICE_F_SHARED);
+    /// `global`.
+    pub const GLOBAL: Self = Self(SERVICE_F_GLOBAL);
+
+    /// The raw bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Flags from raw bits (unknown bits kept).
+    pub const fn from_bits(bits: u32) -> Self {
+        Self(bits)
+    }
+
+    /// Whether every flag of `other` is set.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for ServiceFlags {
+    type Output = Self;
+    fn bitor(self, rhs: Self) -> Self {
+        Self(self.0 | rhs.0)
+    }
+}
+
+/// What [`LoadBalancer::set_service`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceUpdate {
+    /// The service's id (stable while the frontend exists).
+    pub service_id: u32,
+    /// Backends in the Maglev table now (0: packets to the frontend drop).
+    pub table_members: usize,
+    /// Whether a Maglev table was built and written (false: members unchanged).
+    pub table_rebuilt: bool,
+    /// Backends newly written.
+    pub backends_added: usize,
+    /// Backends deleted.
+    pub backends_removed: usize,
+}
+
+/// A service as the load balancer holds it.
+#[derive(Debug, Clone)]
+pub struct ServiceView<'a> {
+    /// The service id.
+    pub service_id: u32,
+    /// Its flags.
+    pub flags: ServiceFlags,
+    /// Every backend with its id, in key order.
+    pub backends: Vec<(u32, Backend)>,
+    /// The Maglev table in use, if one was built by this writer.
+    pub table: Option<&'a Table>,
+}
+
+#[derive(Debug)]
+struct ServiceState {
+    id: u32,
+    flags: ServiceFlags,
+    backends: BTreeMap<BackendKey, (u32, Backend)>,
+    /// The table number in use (`None`: no table).
+    maglev_id: Option<u32>,
+    /// The content of that table, when this writer built it.
+    table: Option<Table>,
+    /// The `services` value last written (`None`: not in the kernel yet).
+    written: Option<ServiceValue>,
+}
+
+/// The writer of the services, backends and Maglev maps of one node.
+pub struct LoadBalancer {
+    services_map: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    backends_map: BpfHashMap<MapData, u32, BackendValue>,
+    maglev_map: Array<MapData, u32>,
+    size: TableSize,
+    tables: u32,
+    services: HashMap<Frontend, ServiceState>,
+    free_tables: BTreeSet<u32>,
+    backend_ids: HashSet<u32>,
+    service_ids: HashSet<u32>,
+    next_backend_id: u32,
+    next_service_id: u32,
+}
+
+impl fmt::Debug for LoadBalancer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadBalancer")
+            .field("table_size", &self.size)
+            .field("tables", &self.tables)
+            .field("free_tables", &self.free_tables.len())
+            .field("services", &self.services)
+            .finish_non_exhaustive()
+    }
+}
+
+fn op_error(
+    name: &'static str,
+    op: &'static str,
+    key: impl fmt::Display,
+    source: MapError,
+) -> Error {
+    Error::Map(maps::Error::Op {
+        name,
+        op,
+        key: key.to_string(),
+        source: Box::new(source),
+    })
+}
+
+fn service_key(f: &Frontend) -> ServiceKey {
+    let (family, addr) = addr_bytes(f.addr.ip());
+    ServiceKey {
+        addr,
+        port: f.addr.port().to_be(),
+        proto: f.proto.number(),
+        family,
+    }
+}
+
+fn frontend_of(k: &ServiceKey) -> Option<Frontend> {
+    Some(Frontend {
+        addr: SocketAddr::new(bytes_addr(k.family, k.addr)?, u16::from_be(k.port)),
+        proto: Protocol::from_number(k.proto)?,
+    })
+}
+
+fn backend_value(key: &BackendKey, b: &Backend, service_id: u32) -> BackendValue {
+    let (family, addr) = addr_bytes(key.addr.ip());
+    BackendValue {
+        addr,
+        port: key.addr.port().to_be(),
+        proto: key.proto.number(),
+        family,
+        cluster_id: key.cluster_id,
+        state: b.state.code(),
+        pad: 0,
+        service_id,
+    }
+}
+
+/// Next id after `*next` not in `used` (never 0).
+fn allocate(next: &mut u32, used: &mut HashSet<u32>, what: &'static str) -> Result<u32, Error> {
+    for _ in 0..=used.len() {
+        let id = (*next).max(1);
+        *next = id.wrapping_add(1);
+        if used.insert(id) {
+            return Ok(id);
+        }
+    }
+    Err(Error::IdsExhausted { what })
+}
+
+impl LoadBalancer {
+    /// Opens the pinned maps under `bpffs_dir` (the datapath must have been
+    /// loaded there) and adopts the services they hold.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] when a pin is missing or a map cannot be read,
+    /// [`Error::NotConfigured`] when the datapath set no table size.
+    pub fn open(bpffs_dir: &Path) -> Result<Self, Error> {
+        let config: Array<MapData, DatapathConfig> = maps::open(bpffs_dir, CONFIG)?;
+        let config = config
+            .get(&0, 0)
+            .map_err(|e| op_error(CONFIG, "get", 0, e))?;
+        let size = TableSize::new(config.maglev_size).map_err(|_| Error::NotConfigured {
+            path: bpffs_dir.to_owned(),
+        })?;
+        let services_map: BpfHashMap<MapData, ServiceKey, ServiceValue> =
+            maps::open(bpffs_dir, SERVICES)?;
+        let mut backends_map: BpfHashMap<MapData, u32, BackendValue> =
+            maps::open(bpffs_dir, BACKENDS)?;
+        let maglev_map: Array<MapData, u32> = maps::open(bpffs_dir, MAGLEV)?;
+        let tables = maglev_map.len() / size.get();
+
+        let mut services = HashMap::new();
+        let mut by_id = HashMap::new();
+        for item in services_map.iter() {
+            let (key, value) = item.map_err(|e| op_error(SERVICES, "iterate", "", e))?;
+            let frontend = frontend_of(&key).ok_or(maps::Error::MalformedKey {
+                name: SERVICES,
+                family: key.family,
+                prefixlen: 0,
+            })?;
+            by_id.insert(value.service_id, frontend);
+            services.insert(
+                frontend,
+                ServiceState {
+                    id: value.service_id,
+                    flags: ServiceFlags::from_bits(value.flags),
+                    backends: BTreeMap::new(),
+                    maglev_id: (value.maglev_id != MAGLEV_NO_TABLE && value.maglev_id < tables)
+                        .then_some(value.maglev_id),
+                    table: None,
+                    written: Some(value),
+                },
+            );
+        }
+        let mut orphans = Vec::new();
+        let mut backend_ids = HashSet::new();
+        for item in backends_map.iter() {
+            let (id, v) = item.map_err(|e| op_error(BACKENDS, "iterate", "", e))?;
+            let state = by_id
+                .get(&v.service_id)
+                .and_then(|f| services.get_mut(f).map(|s| (f, s)));
+            let (Some((frontend, state)), Some(ip)) = (state, bytes_addr(v.family, v.addr)) else {
+                orphans.push(id);
+                continue;
+            };
+            let addr = SocketAddr::new(ip, u16::from_be(v.port));
+            let key = BackendKey {
+                cluster_id: v.cluster_id,
+                addr,
+                proto: frontend.proto,
+            };
+            let backend = Backend {
+                state: BackendState::from_code(v.state),
+                ..Backend::new(addr, v.cluster_id)
+            };
+            state.backends.insert(key, (id, backend));
+            backend_ids.insert(id);
+        }
+        for id in orphans {
+            match backends_map.remove(&id) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(op_error(BACKENDS, "remove", id, e)),
+            }
+        }
+        let used_tables: HashSet<u32> = services.values().filter_map(|s| s.maglev_id).collect();
+        let service_ids: HashSet<u32> = services.values().map(|s| s.id).collect();
+        let next_backend_id = backend_ids.iter().max().map_or(1, |m| m.wrapping_add(1));
+        let next_service_id = service_ids.iter().max().map_or(1, |m| m.wrapping_add(1));
+        tracing::debug!(
+            services = services.len(),
+            backends = backend_ids.len(),
+            "load balancer adopted the pinned maps"
+        );
+        Ok(Self {
+            services_map,
+            backends_map,
+            maglev_map,
+            size,
+            tables,
+            services,
+            free_tables: (0..tables).filter(|t| !used_tables.contains(t)).collect(),
+            backend_ids,
+            service_ids,
+            next_backend_id,
+            next_service_id,
+        })
+    }
+
+    /// Slots per Maglev table.
+    pub fn table_size(&self) -> TableSize {
+        self.size
+    }
+
+    /// Makes the maps hold exactly this service: `backends` is the full
+    /// desired set (any order). See the module docs for the write order and
+    /// for how state, weight and `preferred` decide the table.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::FamilyMismatch`], [`Error::ZeroPort`] and [`Error::Maglev`]
+    /// (duplicate backend, zero weight, more backends than slots) for a bad
+    /// request, before anything is written; [`Error::TablesExhausted`],
+    /// [`Error::IdsExhausted`] or [`Error::Map`] when the maps cannot take
+    /// it. After a map error packets still see a consistent service (the
+    /// old one, or the new one with surplus backends); call again to finish.
+    pub fn set_service(
+        &mut self,
+        frontend: Frontend,
+        flags: ServiceFlags,
+        backends: &[Backend],
+    ) -> Result<ServiceUpdate, Error> {
+        let desired = self.validate(&frontend, backends)?;
+        let members = table_members(&desired);
+        // Fail before writing anything when the table cannot be built.
+        let unchanged = self.services.get(&frontend).is_some_and(|s| {
+            s.table.as_ref().map(Table::members) == Some(&members[..])
+                && (s.maglev_id.is_some() || members.is_empty())
+        });
+        let table = if unchanged || members.is_empty() {
+            None
+        } else {
+            Some(
+                maglev::build(self.size, &members)
+                    .map_err(|source| Error::Maglev { frontend, source })?,
+            )
+        };
+
+        if !self.services.contains_key(&frontend) {
+            let id = allocate(&mut self.next_service_id, &mut self.service_ids, "service")?;
+            self.services.insert(
+                frontend,
+                ServiceState {
+                    id,
+                    flags,
+                    backends: BTreeMap::new(),
+                    maglev_id: None,
+                    table: None,
+                    written: None,
+                },
+            );
+        }
+        let state = self.services.get_mut(&frontend).expect("inserted above");
+        let service_id = state.id;
+
+        // 1. Backends: new ones get ids, changed ones are rewritten.
+        let mut added = 0;
+        for (key, backend) in &desired {
+            let known = state.backends.get(key).copied();
+            let id = match known {
+                Some((_, old)) if old == *backend => continue,
+                Some((id, old)) if old.state == backend.state => {
+                    // Weight or preference only: nothing the kernel stores.
+                    state.backends.insert(*key, (id, *backend));
+                    continue;
+                }
+                Some((id, _)) => id,
+                None => {
+                    added += 1;
+                    allocate(&mut self.next_backend_id, &mut self.backend_ids, "backend")?
+                }
+            };
+            let value = backend_value(key, backend, service_id);
+            if let Err(e) = self.backends_map.insert(id, value, 0) {
+                if known.is_none() {
+                    self.backend_ids.remove(&id);
+                }
+                return Err(op_error(BACKENDS, "insert", key, e));
+            }
+            state.backends.insert(*key, (id, *backend));
+        }
+
+        // 2. The table, into a free slot of the maglev array.
+        let mut rebuilt = false;
+        let mut new_maglev_id = state.maglev_id;
+        if let Some(table) = table {
+            let slot = *self.free_tables.first().ok_or(Error::TablesExhausted {
+                tables: self.tables,
+            })?;
+            let ids: Vec<u32> = table
+                .members()
+                .iter()
+                .map(|m| state.backends[&m.key].0)
+                .collect();
+            let base = slot * self.size.get();
+            for (i, &member) in table.slots().iter().enumerate() {
+                let index = base + i as u32;
+                self.maglev_map
+                    .set(index, ids[member as usize], 0)
+                    .map_err(|e| op_error(MAGLEV, "set", index, e))?;
+            }
+            self.free_tables.remove(&slot);
+            new_maglev_id = Some(slot);
+            state.table = Some(table);
+            rebuilt = true;
+        } else if members.is_empty() {
+            new_maglev_id = None;
+            state.table = Some(Table::default());
+        }
+
+        // 3. The service entry: one update switches packets over.
+        let value = ServiceValue {
+            service_id,
+            backend_count: members.len() as u32,
+            maglev_id: new_maglev_id.unwrap_or(MAGLEV_NO_TABLE),
+            flags: flags.bits(),
+        };
+        if state.written != Some(value) {
+            if let Err(e) = self.services_map.insert(service_key(&frontend), value, 0) {
+                if rebuilt {
+                    // The new table was never used: give it back.
+                    if let Some(t) = new_maglev_id {
+                        self.free_tables.insert(t);
+                    }
+                    state.table = None;
+                }
+                return Err(op_error(SERVICES, "insert", frontend, e));
+            }
+            state.written = Some(value);
+        }
+        state.flags = flags;
+
+        // 4. Free the old table, delete backends no longer wanted.
+        if state.maglev_id != new_maglev_id {
+            if let Some(old) = state.maglev_id {
+                self.free_tables.insert(old);
+            }
+            state.maglev_id = new_maglev_id;
+        }
+        let stale: Vec<(BackendKey, u32)> = state
+            .backends
+            .iter()
+            .filter(|(k, _)| !desired.contains_key(k))
+            .map(|(k, (id, _))| (*k, *id))
+            .collect();
+        for (key, id) in &stale {
+            remove_backend(&mut self.backends_map, *id)?;
+            state.backends.remove(key);
+            self.backend_ids.remove(id);
+        }
+        tracing::debug!(
+            %frontend,
+            service_id,
+            members = members.len(),
+            rebuilt,
+            added,
+            removed = stale.len(),
+            "service written"
+        );
+        Ok(ServiceUpdate {
+            service_id,
+            table_members: members.len(),
+            table_rebuilt: rebuilt,
+            backends_added: added,
+            backends_removed: stale.len(),
+        })
+    }
+
+    fn validate(
+        &self,
+        frontend: &Frontend,
+        backends: &[Backend],
+    ) -> Result<BTreeMap<BackendKey, Backend>, Error> {
+        if frontend.addr.port() == 0 {
+            return Err(Error::ZeroPort {
+                frontend: *frontend,
+                addr: frontend.addr,
+            });
+        }
+        let mut desired = BTreeMap::new();
+        for b in backends {
+            if b.addr.is_ipv4() != frontend.addr.is_ipv4() {
+                return Err(Error::FamilyMismatch {
+                    frontend: *frontend,
+                    backend: b.addr,
+                });
+            }
+            if b.addr.port() == 0 {
+                return Err(Error::ZeroPort {
+                    frontend: *frontend,
+                    addr: b.addr,
+                });
+            }
+            let key = BackendKey {
+                cluster_id: b.cluster_id,
+                addr: b.addr,
+                proto: frontend.proto,
+            };
+            let bad = |source| Error::Maglev {
+                frontend: *frontend,
+                source,
+            };
+            if b.weight == 0 {
+                return Err(bad(maglev::Error::ZeroWeight(key)));
+            }
+            if desired.insert(key, *b).is_some() {
+                return Err(bad(maglev::Error::DuplicateBackend(key)));
+            }
+        }
+        Ok(desired)
+    }
+
+    /// Removes a service: its entry first (new packets to the frontend are
+    /// no longer translated), then its backends and table. Conntrack entries
+    /// age out of the LRU map. `Ok(false)` when there was no such service.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] when a map operation fails.
+    pub fn remove_service(&mut self, frontend: Frontend) -> Result<bool, Error> {
+        let Some(state) = self.services.get_mut(&frontend) else {
+            return Ok(false);
+        };
+        match self.services_map.remove(&service_key(&frontend)) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(op_error(SERVICES, "remove", frontend, e)),
+        }
+        state.written = None;
+        while let Some((key, (id, _))) = state.backends.pop_first() {
+            if let Err(e) = remove_backend(&mut self.backends_map, id) {
+                state
+                    .backends
+                    .insert(key, (id, Backend::new(key.addr, key.cluster_id)));
+                return Err(e);
+            }
+            self.backend_ids.remove(&id);
+        }
+        let state = self.services.remove(&frontend).expect("looked up above");
+        if let Some(t) = state.maglev_id {
+            self.free_tables.insert(t);
+        }
+        self.service_ids.remove(&state.id);
+        Ok(true)
+    }
+
+    /// One service.
+    pub fn service(&self, frontend: &Frontend) -> Option<ServiceView<'_>> {
+        self.services.get(frontend).map(view)
+    }
+
+    /// Every service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = (Frontend, ServiceView<'_>)> + '_ {
+        self.services.iter().map(|(f, s)| (*f, view(s)))
+    }
+
+    /// The backend the datapath picks for a *new* flow from `client` to
+    /// `frontend` (existing flows keep theirs), from the table this writer
+    /// built; `None` without one.
+    pub fn backend_for(&self, frontend: &Frontend, client: SocketAddr) -> Option<BackendKey> {
+        let table = self.services.get(frontend)?.table.as_ref()?;
+        table
+            .lookup(flow_hash(client, frontend.addr, frontend.proto))
+            .copied()
+    }
+}
+
+fn view(s: &ServiceState) -> ServiceView<'_> {
+    ServiceView {
+        service_id: s.id,
+        flags: s.flags,
+        backends: s.backends.values().copied().collect(),
+        table: s.table.as_ref().filter(|t| !t.members().is_empty()),
+    }
+}
+
+fn remove_backend(map: &mut BpfHashMap<MapData, u32, BackendValue>, id: u32) -> Result<(), Error> {
+    match map.remove(&id) {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(op_error(BACKENDS, "remove", id, e)),
+    }
+}
+
+/// Active backends, only the preferred ones if any active one is, sorted.
+fn table_members(desired: &BTreeMap<BackendKey, Backend>) -> Vec<Member> {
+    let active = || {
+        desired
+            .iter()
+            .filter(|(_, b)| b.state == BackendState::Active)
+    };
+    let any_preferred = active().any(|(_, b)| b.preferred);
+    active()
+        .filter(|(_, b)| b.preferred || !any_preferred)
+        .map(|(k, b)| Member {
+            key: *k,
+            weight: b.weight,
+        })
+        .collect()
+}
+
+fn murmur_step(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+/// The flow hash `from_pod` computes to pick a Maglev slot (`flow_hash` in
+/// `bpf/datapath.c`, defined at `FLOW_HASH_SEED` in `bpf/datapath.h`): the
+/// slot of a new flow from `src` to `dst` is `flow_hash(..) % M`. Words are
+/// read in native byte order, as the program does on this host.
+pub fn flow_hash(src: SocketAddr, dst: SocketAddr, proto: Protocol) -> u32 {
+    let (family, saddr) = addr_bytes(src.ip());
+    let (_, daddr) = addr_bytes(dst.ip());
+    let mut h = FLOW_HASH_SEED;
+    for chunk in saddr.chunks_exact(4).chain(daddr.chunks_exact(4)) {
+        h = murmur_step(h, u32::from_ne_bytes(chunk.try_into().expect("4 bytes")));
+    }
+    let (sp, dp) = (src.port().to_be_bytes(), dst.port().to_be_bytes());
+    h = murmur_step(h, u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]));
+    h = murmur_step(h, u32::from(proto.number()) | (u32::from(family) << 8));
+    h ^= 40;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
