@@ -533,3 +533,488 @@ async fn maps_round_trip_and_survive_reload() {
         Some(VETH_B)
     );
 }
+
+// ---- services ----
+
+use std::net::SocketAddr;
+
+use datapath::{Backend, Frontend, Protocol, ServiceFlags};
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// The IPv4 or IPv6 pseudo header of `ip` (a whole IP packet) for its L4 part.
+fn pseudo_header(ip: &[u8]) -> (Vec<u8>, usize) {
+    let mut ph = Vec::new();
+    if ip[0] >> 4 == 4 {
+        let hl = usize::from(ip[0] & 0xf) * 4;
+        ph.extend_from_slice(&ip[12..20]);
+        ph.extend_from_slice(&[0, ip[9]]);
+        ph.extend_from_slice(&((ip.len() - hl) as u16).to_be_bytes());
+        (ph, hl)
+    } else {
+        ph.extend_from_slice(&ip[8..40]);
+        ph.extend_from_slice(&((ip.len() - 40) as u32).to_be_bytes());
+        ph.extend_from_slice(&[0, 0, 0, ip[6]]);
+        (ph, 40)
+    }
+}
+
+/// Whether the TCP/UDP checksum of an IP packet verifies (a real one's
+/// complement sum over pseudo header, header and payload).
+fn l4_checksum_ok(ip: &[u8]) -> bool {
+    let (mut all, hl) = pseudo_header(ip);
+    all.extend_from_slice(&ip[hl..]);
+    checksum(&all) == 0
+}
+
+/// A TCP (ACK, 20-byte header) or UDP packet with valid checksums.
+fn l4_packet(proto: Protocol, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let payload = b"service-payload!";
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.port().to_be_bytes());
+    l4.extend_from_slice(&dst.port().to_be_bytes());
+    let csum_at = match proto {
+        Protocol::Tcp => {
+            l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
+            l4.extend_from_slice(&2000u32.to_be_bytes()); // ack
+            l4.extend_from_slice(&[0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+            16
+        }
+        Protocol::Udp => {
+            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+            6
+        }
+    };
+    l4.extend_from_slice(payload);
+    let mut ip = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, proto.number(), 0, 0];
+            ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            let c = checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            ip
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            ip.extend_from_slice(&[proto.number(), 64]);
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            ip
+        }
+        _ => panic!("mixed families"),
+    };
+    let hl = ip.len();
+    ip.extend_from_slice(&l4);
+    let (mut all, _) = pseudo_header(&ip);
+    all.extend_from_slice(&ip[hl..]);
+    let c = checksum(&all);
+    ip[hl + csum_at..hl + csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    assert!(l4_checksum_ok(&ip), "test packet checksum");
+    ip
+}
+
+/// (source, destination) socket addresses of an Ethernet frame's IP packet.
+fn endpoints_of(frame: &[u8]) -> (SocketAddr, SocketAddr) {
+    let ip = &frame[14..];
+    let (s, d, hl): (IpAddr, IpAddr, usize) = if ip[0] >> 4 == 4 {
+        let s: [u8; 4] = ip[12..16].try_into().unwrap();
+        let d: [u8; 4] = ip[16..20].try_into().unwrap();
+        (s.into(), d.into(), usize::from(ip[0] & 0xf) * 4)
+    } else {
+        let s: [u8; 16] = ip[8..24].try_into().unwrap();
+        let d: [u8; 16] = ip[24..40].try_into().unwrap();
+        (s.into(), d.into(), 40)
+    };
+    let port = |at: usize| u16::from_be_bytes([ip[hl + at], ip[hl + at + 1]]);
+    (SocketAddr::new(s, port(0)), SocketAddr::new(d, port(2)))
+}
+
+/// Checks the IPv4 header checksum (if IPv4) and the L4 checksum.
+fn assert_checksums(frame: &[u8], what: &str) {
+    let ip = &frame[14..];
+    if ip[0] >> 4 == 4 {
+        assert_eq!(checksum(&ip[..20]), 0, "{what}: IPv4 header checksum");
+    }
+    assert!(l4_checksum_ok(ip), "{what}: TCP/UDP checksum");
+}
+
+/// Service fixtures: frontend (v4 or v6) with one backend on the local pod B
+/// and one on a remote node (in the ipcache's 10.2.0.0/16 / fd00:2::/64).
+fn service_setup(
+    fx: &mut Fixture,
+    v6: bool,
+    proto: Protocol,
+) -> (Frontend, SocketAddr, SocketAddr) {
+    let (fe, local, remote) = if v6 {
+        ("[fd00:96::10]:80", "[fd00:1::2]:8080", "[fd00:2::5]:8080")
+    } else {
+        ("10.96.0.10:80", "10.1.0.2:8080", "10.2.0.5:8080")
+    };
+    let frontend = Frontend {
+        addr: sa(fe),
+        proto,
+    };
+    let mut lb = fx.dp.load_balancer().unwrap();
+    let update = lb
+        .set_service(
+            frontend,
+            ServiceFlags::GLOBAL,
+            &[Backend::new(sa(local), 1), Backend::new(sa(remote), 2)],
+        )
+        .unwrap();
+    assert_eq!((update.table_members, update.backends_added), (2, 2));
+    (frontend, sa(local), sa(remote))
+}
+
+/// Client pod A → frontend, many source ports: every packet goes to the
+/// backend the Maglev table names for its flow (predicted in Rust with the
+/// mirrored flow hash), with address, port and checksums rewritten; local
+/// backend → delivered to pod B, remote → tunnel. Both backends are used.
+#[tokio::test]
+async fn from_pod_translates_frontend_to_maglev_backend() {
+    let Some(mut fx) = fixture() else { return };
+    for ipv6 in [false, true] {
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let (frontend, local, remote) = service_setup(&mut fx, ipv6, proto);
+            let client_ip = if ipv6 {
+                v6("fd00:1::1")
+            } else {
+                v4("10.1.0.1")
+            };
+            let mut seen = std::collections::BTreeSet::new();
+            for sport in 40_000..40_016u16 {
+                let client = SocketAddr::new(client_ip, sport);
+                let ip = l4_packet(proto, client, frontend.addr);
+                let out = fx.run(Program::FromPod, &frame(HOST_MAC_A, POD_MAC_A, &ip), None);
+                let what = format!("{proto} {client} -> {frontend}");
+                assert_eq!(out.verdict, TC_ACT_REDIRECT, "{what}");
+                let (src, dst) = endpoints_of(&out.data);
+                assert_eq!(src, client, "{what}: source untouched");
+                assert!(dst == local || dst == remote, "{what}: went to {dst}");
+                assert_checksums(&out.data, &what);
+                let expected = expected_backend(&fx, frontend, client);
+                assert_eq!(dst, expected, "{what}: the Maglev table's choice");
+                let e = fx.event();
+                if dst == local {
+                    assert_eq!(e.kind, EventKind::Trace(TracePoint::ToEndpoint), "{what}");
+                    assert_eq!(e.target_ifindex, Some(VETH_B));
+                    assert_eq!(&out.data[0..6], &POD_MAC_B);
+                } else {
+                    assert_eq!(e.kind, EventKind::Trace(TracePoint::ToOverlay), "{what}");
+                    assert_eq!(e.tunnel_endpoint, Some("192.168.1.2".parse().unwrap()));
+                }
+                assert_eq!(e.dst, Some(dst.ip()), "event shows the backend");
+                seen.insert(dst);
+            }
+            assert_eq!(seen.len(), 2, "16 flows reached both backends: {seen:?}");
+        }
+    }
+}
+
+/// The backend a new flow gets, from a writer that built the table itself.
+fn expected_backend(fx: &Fixture, frontend: Frontend, client: SocketAddr) -> SocketAddr {
+    let mut lb = fx.dp.load_balancer().unwrap();
+    let view = lb.service(&frontend).expect("service adopted");
+    let backends: Vec<Backend> = view
+        .backends
+        .iter()
+        .map(|(_, b)| Backend::new(b.addr, b.cluster_id))
+        .collect();
+    let flags = view.flags;
+    let update = lb.set_service(frontend, flags, &backends).unwrap();
+    assert!(update.table_rebuilt, "an adopted service is rebuilt once");
+    lb.backend_for(&frontend, client).expect("a table").addr
+}
+
+/// A remote backend's reply arrives through the tunnel (from_overlay) and
+/// reaches the client with the frontend as source; a local backend's reply
+/// (here the client itself is the backend: a hairpin, the only local pod a
+/// test run can send from) is reverse-translated in from_pod.
+#[tokio::test]
+async fn replies_get_the_frontend_back() {
+    let Some(mut fx) = fixture() else { return };
+    for ipv6 in [false, true] {
+        let proto = Protocol::Tcp;
+        let (frontend, _, remote) = service_setup(&mut fx, ipv6, proto);
+        let client_ip = if ipv6 {
+            v6("fd00:1::1")
+        } else {
+            v4("10.1.0.1")
+        };
+        // A client port whose flow goes to the remote backend.
+        let client = (41_000..42_000u16)
+            .map(|p| SocketAddr::new(client_ip, p))
+            .find(|&c| expected_backend(&fx, frontend, c) == remote)
+            .expect("some flow maps to the remote backend");
+        let fwd = l4_packet(proto, client, frontend.addr);
+        let out = fx.run(Program::FromPod, &frame(HOST_MAC_A, POD_MAC_A, &fwd), None);
+        assert_eq!(endpoints_of(&out.data).1, remote);
+        let _ = fx.event();
+
+        let reply = l4_packet(proto, remote, client);
+        let node = u32::from("192.168.1.2".parse::<Ipv4Addr>().unwrap());
+        let ctx = skb_ctx(0, [ID_REMOTE, node, 0, 0, 0]);
+        let out = fx.run(
+            Program::TestFromOverlay,
+            &frame([0xee; 6], [0xdd; 6], &reply),
+            Some(&ctx),
+        );
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            endpoints_of(&out.data),
+            (frontend.addr, client),
+            "reply source is the frontend"
+        );
+        assert_checksums(&out.data, "reverse-translated reply");
+        assert_eq!(&out.data[0..6], &POD_MAC_A, "delivered to the client pod");
+        assert_eq!(fx.event().src, Some(frontend.addr.ip()));
+
+        // Hairpin: pod A is the only backend of a second frontend.
+        let hairpin = Frontend {
+            addr: SocketAddr::new(frontend.addr.ip(), 443),
+            proto,
+        };
+        let me = SocketAddr::new(client_ip, 8443);
+        fx.dp
+            .load_balancer()
+            .unwrap()
+            .set_service(hairpin, ServiceFlags::NONE, &[Backend::new(me, 1)])
+            .unwrap();
+        let out = fx.run(
+            Program::FromPod,
+            &frame(
+                HOST_MAC_A,
+                POD_MAC_A,
+                &l4_packet(proto, client, hairpin.addr),
+            ),
+            None,
+        );
+        assert_eq!(endpoints_of(&out.data), (client, me));
+        let _ = fx.event();
+        let out = fx.run(
+            Program::FromPod,
+            &frame(HOST_MAC_A, POD_MAC_A, &l4_packet(proto, me, client)),
+            None,
+        );
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(endpoints_of(&out.data), (hairpin.addr, client));
+        assert_checksums(&out.data, "reply reverse-translated in from_pod");
+        let _ = fx.event();
+    }
+}
+
+/// Destinations that are no frontend (other IP, other port, other protocol)
+/// pass exactly as before; a frontend without backends drops.
+#[tokio::test]
+async fn unknown_frontend_untouched_and_empty_service_drops() {
+    let Some(mut fx) = fixture() else { return };
+    let (frontend, _, _) = service_setup(&mut fx, false, Protocol::Tcp);
+    let client = sa("10.1.0.1:40000");
+    for (proto, dst) in [
+        (Protocol::Tcp, sa("10.96.0.99:80")),
+        (Protocol::Tcp, sa("10.96.0.10:81")),
+        (Protocol::Udp, frontend.addr),
+    ] {
+        let f = frame(HOST_MAC_A, POD_MAC_A, &l4_packet(proto, client, dst));
+        let out = fx.run(Program::FromPod, &f, None);
+        assert_eq!((out.verdict, &out.data), (TC_ACT_OK, &f), "{proto} {dst}");
+        assert_eq!(fx.event().kind, EventKind::Trace(TracePoint::ToStack));
+    }
+    let mut lb = fx.dp.load_balancer().unwrap();
+    let update = lb.set_service(frontend, ServiceFlags::NONE, &[]).unwrap();
+    assert_eq!((update.table_members, update.backends_removed), (0, 2));
+    let f = frame(
+        HOST_MAC_A,
+        POD_MAC_A,
+        &l4_packet(Protocol::Tcp, client, frontend.addr),
+    );
+    assert_eq!(fx.run(Program::FromPod, &f, None).verdict, TC_ACT_SHOT);
+    assert_eq!(fx.event().kind, EventKind::Drop(DropReason::NoBackend));
+    assert!(lb.remove_service(frontend).unwrap());
+    assert!(!lb.remove_service(frontend).unwrap());
+    let out = fx.run(Program::FromPod, &f, None);
+    assert_eq!(
+        (out.verdict, &out.data),
+        (TC_ACT_OK, &f),
+        "removed: untouched"
+    );
+    let _ = fx.event();
+}
+
+/// A flow keeps its backend when the table changes under it; a new flow
+/// follows the new table; a quarantined backend's flows are re-balanced.
+#[tokio::test]
+async fn flows_stick_to_their_backend_across_table_changes() {
+    let Some(mut fx) = fixture() else { return };
+    let frontend = Frontend {
+        addr: sa("10.96.0.20:80"),
+        proto: Protocol::Tcp,
+    };
+    let first = Backend::new(sa("10.2.0.5:8080"), 2);
+    let mut lb = fx.dp.load_balancer().unwrap();
+    lb.set_service(frontend, ServiceFlags::NONE, &[first])
+        .unwrap();
+    let more: Vec<Backend> = (6..10)
+        .map(|i| Backend::new(sa(&format!("10.2.0.{i}:8080")), 2))
+        .chain([first])
+        .collect();
+    // Build the future table in a scratch map set to pick a client whose
+    // flow will map elsewhere once the backends are added.
+    let future = datapath::maglev::build(
+        lb.table_size(),
+        &more
+            .iter()
+            .map(|b| datapath::maglev::Member {
+                key: datapath::maglev::BackendKey {
+                    cluster_id: b.cluster_id,
+                    addr: b.addr,
+                    proto: frontend.proto,
+                },
+                weight: 1,
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let client = (40_000..41_000u16)
+        .map(|p| sa(&format!("10.1.0.1:{p}")))
+        .find(|c| {
+            let h = datapath::lb::flow_hash(*c, frontend.addr, frontend.proto);
+            future.lookup(h).unwrap().addr != first.addr
+        })
+        .unwrap();
+    let pkt = frame(
+        HOST_MAC_A,
+        POD_MAC_A,
+        &l4_packet(Protocol::Tcp, client, frontend.addr),
+    );
+    let dst = |fx: &mut Fixture| {
+        let out = fx.run(Program::FromPod, &pkt, None);
+        let _ = fx.event();
+        endpoints_of(&out.data).1
+    };
+    assert_eq!(dst(&mut fx), first.addr);
+
+    let update = lb.set_service(frontend, ServiceFlags::NONE, &more).unwrap();
+    assert!(update.table_rebuilt);
+    assert_eq!(update.backends_added, 4);
+    let moved_to = lb.backend_for(&frontend, client).unwrap().addr;
+    assert_ne!(
+        moved_to, first.addr,
+        "the table now sends this flow elsewhere"
+    );
+    assert_eq!(dst(&mut fx), first.addr, "the live flow keeps its backend");
+
+    // The same set again: nothing rebuilt, nothing written.
+    let again = lb.set_service(frontend, ServiceFlags::NONE, &more).unwrap();
+    assert!(!again.table_rebuilt && again.backends_added == 0 && again.backends_removed == 0);
+
+    // Quarantine the flow's backend: the flow is balanced again.
+    let quarantined: Vec<Backend> = more
+        .iter()
+        .map(|b| Backend {
+            state: if b.addr == first.addr {
+                datapath::BackendState::Quarantined
+            } else {
+                datapath::BackendState::Active
+            },
+            ..*b
+        })
+        .collect();
+    lb.set_service(frontend, ServiceFlags::NONE, &quarantined)
+        .unwrap();
+    let now = dst(&mut fx);
+    assert_ne!(now, first.addr, "quarantined backend's flow moved");
+    assert_eq!(Some(now), lb.backend_for(&frontend, client).map(|k| k.addr));
+}
+
+/// Writer bookkeeping: validation before any write, ids and tables adopted
+/// by a new writer, stale backends deleted, affinity by preference.
+#[tokio::test]
+async fn load_balancer_validates_adopts_and_prefers() {
+    let Some(mut fx) = fixture() else { return };
+    let (frontend, local, remote) = service_setup(&mut fx, false, Protocol::Tcp);
+    let mut lb = fx.dp.load_balancer().unwrap();
+    let view = lb.service(&frontend).expect("adopted");
+    assert_eq!(view.backends.len(), 2);
+    assert!(
+        view.table.is_none(),
+        "adopted: content unknown until rebuilt"
+    );
+    let id = view.service_id;
+
+    assert!(matches!(
+        lb.set_service(
+            frontend,
+            ServiceFlags::NONE,
+            &[Backend::new(sa("[fd00::1]:80"), 1)]
+        ),
+        Err(datapath::lb::Error::FamilyMismatch { .. })
+    ));
+    let dup = Backend::new(local, 1);
+    assert!(matches!(
+        lb.set_service(frontend, ServiceFlags::NONE, &[dup, dup]),
+        Err(datapath::lb::Error::Maglev {
+            source: datapath::maglev::Error::DuplicateBackend(_),
+            ..
+        })
+    ));
+    assert_eq!(
+        lb.service(&frontend).unwrap().backends.len(),
+        2,
+        "nothing written"
+    );
+
+    // affinity=local: the local backend preferred, the remote one kept.
+    let preferred = Backend {
+        preferred: true,
+        ..Backend::new(local, 1)
+    };
+    let up = lb
+        .set_service(
+            frontend,
+            ServiceFlags::AFFINITY_LOCAL,
+            &[preferred, Backend::new(remote, 2)],
+        )
+        .unwrap();
+    assert_eq!((up.service_id, up.table_members), (id, 1));
+    for p in 40_000..40_010u16 {
+        let c = SocketAddr::new(v4("10.1.0.1"), p);
+        assert_eq!(lb.backend_for(&frontend, c).unwrap().addr, local);
+        let out = fx.run(
+            Program::FromPod,
+            &frame(
+                HOST_MAC_A,
+                POD_MAC_A,
+                &l4_packet(Protocol::Tcp, c, frontend.addr),
+            ),
+            None,
+        );
+        assert_eq!(
+            endpoints_of(&out.data).1,
+            local,
+            "only the preferred backend"
+        );
+        let _ = fx.event();
+    }
+    // Drop the remote backend; a fresh writer sees one backend and flags.
+    lb.set_service(frontend, ServiceFlags::AFFINITY_LOCAL, &[preferred])
+        .unwrap();
+    drop(lb);
+    let lb = fx.dp.load_balancer().unwrap();
+    let view = lb.service(&frontend).unwrap();
+    assert_eq!(view.service_id, id);
+    assert_eq!(view.flags, ServiceFlags::AFFINITY_LOCAL);
+    assert_eq!(
+        view.backends
+            .iter()
+            .map(|(_, b)| b.addr)
+            .collect::<Vec<_>>(),
+        [local]
+    );
+}
