@@ -399,3 +399,196 @@ fn loader_restart_does_not_interrupt_a_tcp_stream() {
     assert_eq!(snapshot(&topo), before, "maps unchanged by the restart");
     eprintln!("restart under load: {sent} bytes, longest pause between reads {max_gap:?}");
 }
+
+/// A line server on port 8080 in `pod`'s namespace: answers every line with
+/// its name, until `stop` is set. Returns when it listens.
+fn name_server(
+    pod: &Pod,
+    name: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{BufRead, BufReader};
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let ns = netns::named(&pod.ns);
+    let handle = std::thread::spawn(move || {
+        netns::run_in(&ns, move || {
+            let listener = TcpListener::bind("0.0.0.0:8080").expect("bind 8080");
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).ok();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        std::thread::spawn(move || {
+                            conn.set_nonblocking(false).ok();
+                            conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                            let mut w = conn.try_clone().expect("clone stream");
+                            for line in BufReader::new(conn).lines() {
+                                if line.is_err() || writeln!(w, "{name}").is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })
+        .expect("server namespace");
+    });
+    ready_rx.recv_timeout(TIMEOUT).expect("server listening");
+    handle
+}
+
+/// Sends a line, returns the answering backend's name.
+fn ask(conn: &mut TcpStream) -> Result<String, String> {
+    conn.write_all(b"who\n").map_err(|e| format!("send: {e}"))?;
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        conn.read_exact(&mut byte)
+            .map_err(|e| format!("read after {answer:?}: {e}"))?;
+        answer.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&answer).trim().to_owned())
+}
+
+/// Connects from inside the caller's namespace, optionally from a fixed
+/// source address, with a deadline on connect (SO_SNDTIMEO) and reads.
+fn connect(dst: SocketAddr, from: Option<SocketAddr>) -> Result<TcpStream, String> {
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    let timeout = nix::sys::time::TimeVal::new(TIMEOUT.as_secs() as i64, 0);
+    setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| e.to_string())?;
+    setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).map_err(|e| e.to_string())?;
+    use std::os::fd::AsRawFd as _;
+    let v4 = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SockaddrIn::from(v4),
+        SocketAddr::V6(_) => panic!("IPv4 only"),
+    };
+    if let Some(from) = from {
+        nix::sys::socket::bind(fd.as_raw_fd(), &v4(from))
+            .map_err(|e| format!("bind {from}: {e}"))?;
+    }
+    nix::sys::socket::connect(fd.as_raw_fd(), &v4(dst))
+        .map_err(|e| format!("connect {dst}: {e}"))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// A pod connects to a service frontend over TCP: new connections are
+/// answered by the backend on its own node and by the one on the other node
+/// (replies reverse-translated in from_pod and in from_overlay), and a
+/// connection that lives across the addition of a backend (which moves its
+/// Maglev slot to the new backend) keeps talking to its first backend.
+#[test]
+fn service_frontend_reaches_local_and_remote_backends() {
+    use datapath::{maglev, Backend, Frontend, LoadBalancer, Protocol, ServiceFlags};
+    let Some(topo) = topology("s") else { return };
+    let pods = topo.all_pods();
+    let (p11, p12, p21, p22) = (&pods[0], &pods[1], &pods[2], &pods[3]);
+    let frontend = Frontend {
+        addr: "10.96.0.10:80".parse().unwrap(),
+        proto: Protocol::Tcp,
+    };
+    let backend = |p: &Pod, cluster| Backend::new(SocketAddr::new(p.v4, 8080), cluster);
+    let before = [backend(p12, 1), backend(p21, 1)];
+    let after = [backend(p12, 1), backend(p21, 1), backend(p22, 1)];
+    let mut lbs: Vec<LoadBalancer> = topo
+        .nodes
+        .iter()
+        .map(|n| LoadBalancer::open(n.bpffs.path()).expect("load balancer"))
+        .collect();
+    for lb in &mut lbs {
+        lb.set_service(frontend, ServiceFlags::GLOBAL, &before)
+            .unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let servers: Vec<_> = [(p12, "p12"), (p21, "p21"), (p22, "p22")]
+        .into_iter()
+        .map(|(p, name)| name_server(p, name, stop.clone()))
+        .collect();
+
+    // A source port whose flow the new table sends elsewhere than the old.
+    let future = maglev::build(
+        lbs[0].table_size(),
+        &after
+            .iter()
+            .map(|b| maglev::Member {
+                key: maglev::BackendKey {
+                    cluster_id: b.cluster_id,
+                    addr: b.addr,
+                    proto: Protocol::Tcp,
+                },
+                weight: 1,
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let long_lived = (45_000..46_000u16)
+        .map(|p| SocketAddr::new(p11.v4, p))
+        .find(|&c| {
+            let h = datapath::lb::flow_hash(c, frontend.addr, Protocol::Tcp);
+            Some(future.lookup(h).unwrap()) != lbs[0].backend_for(&frontend, c).as_ref()
+        })
+        .expect("a flow that moves");
+    let first = lbs[0].backend_for(&frontend, long_lived).unwrap().addr;
+
+    let result = netns::run_in(&netns::named(&p11.ns), || -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..64 {
+            let mut conn = connect(frontend.addr, None)?;
+            seen.insert(ask(&mut conn)?);
+            if seen.len() == 2 {
+                break;
+            }
+        }
+        if seen != ["p12".to_owned(), "p21".to_owned()].into() {
+            return Err(format!("64 connections reached only {seen:?}"));
+        }
+
+        let mut conn = connect(frontend.addr, Some(long_lived))?;
+        let name = ask(&mut conn)?;
+        let expected = if first.ip() == p12.v4 { "p12" } else { "p21" };
+        if name != expected {
+            return Err(format!(
+                "long-lived flow answered by {name}, table says {expected}"
+            ));
+        }
+        for lb in &mut lbs {
+            let up = lb
+                .set_service(frontend, ServiceFlags::GLOBAL, &after)
+                .map_err(|e| e.to_string())?;
+            assert!(up.table_rebuilt && up.backends_added == 1);
+        }
+        for i in 0..5 {
+            let again = ask(&mut conn)?;
+            if again != name {
+                return Err(format!(
+                    "after adding a backend, exchange {i} answered by {again}"
+                ));
+            }
+        }
+        // New connections reach the new backend too.
+        let mut reached_new = false;
+        for _ in 0..64 {
+            if ask(&mut connect(frontend.addr, None)?)? == "p22" {
+                reached_new = true;
+                break;
+            }
+        }
+        reached_new
+            .then_some(())
+            .ok_or_else(|| "64 new connections never reached the added backend".to_owned())
+    })
+    .expect("client namespace");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in servers {
+        s.join().expect("server thread");
+    }
+    result.expect("service exchanges");
+}
