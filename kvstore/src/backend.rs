@@ -260,8 +260,9 @@ impl<T: ListWatch + KvWrite + Leases> SyncBackend for T {}
 pub trait Backend: ListWatch + KvWrite + Leases + Transactions {}
 impl<T: ListWatch + KvWrite + Leases + Transactions> Backend for T {}
 
-/// `error: cause: cause ...`, for log lines that should say why.
-pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+/// `error: cause: cause ...`: an error with all its sources, for log lines
+/// and messages that should say why.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -132,7 +132,7 @@ pub async fn run_heartbeat(
                 }
                 Err(error) => {
                     let delay = backoff.next().unwrap_or(period).min(period);
-                    warn!(error = %crate::backend::chain(&error), retry_in = ?delay, "heartbeat write failed");
+                    warn!(error = %crate::backend::error_chain(&error), retry_in = ?delay, "heartbeat write failed");
                     tokio::select! {
                         () = &mut shutdown => return,
                         () = tokio::time::sleep(delay) => {}

@@ -79,8 +79,8 @@ mod sync_store;
 mod watch_store;
 
 pub use backend::{
-    Backend, BackendError, KeyValue, KvWrite, LeaseId, Leases, ListWatch, Listing, Revision,
-    SyncBackend, Transactions, WatchEvent, WatchStream,
+    error_chain, Backend, BackendError, KeyValue, KvWrite, LeaseId, Leases, ListWatch, Listing,
+    Revision, SyncBackend, Transactions, WatchEvent, WatchStream,
 };
 pub use cluster::{
     read_cluster_config, run_heartbeat, write_cluster_config, ClusterConfigError, HEARTBEAT_PERIOD,

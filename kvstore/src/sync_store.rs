@@ -553,7 +553,7 @@ impl Shared {
                 Err(error) => {
                     inc(&self.stats.errors);
                     let delay = backoff.next().unwrap_or(self.config.retry_max);
-                    warn!(key = %key, error = %crate::backend::chain(&error), retry_in = ?delay, "write failed");
+                    warn!(key = %key, error = %crate::backend::error_chain(&error), retry_in = ?delay, "write failed");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -639,7 +639,7 @@ async fn adopt(shared: Arc<Shared>) {
             Err(error) => {
                 inc(&shared.stats.errors);
                 let delay = backoff.next().unwrap_or(shared.config.retry_max);
-                warn!(error = %crate::backend::chain(&error), retry_in = ?delay, "listing existing keys failed");
+                warn!(error = %crate::backend::error_chain(&error), retry_in = ?delay, "listing existing keys failed");
                 tokio::time::sleep(delay).await;
             }
         }
@@ -659,7 +659,7 @@ async fn adopt(shared: Arc<Shared>) {
                 alive.insert(lease, keys);
             }
             Err(error) => {
-                debug!(lease = format_args!("{lease:x}"), error = %crate::backend::chain(&error), "not adopting lease")
+                debug!(lease = format_args!("{lease:x}"), error = %crate::backend::error_chain(&error), "not adopting lease")
             }
         }
     }
@@ -709,7 +709,7 @@ async fn keep_alive(shared: Arc<Shared>) {
                 Err(BackendError::LeaseNotFound { .. }) => shared.lease_lost(lease),
                 Err(error) => {
                     inc(&shared.stats.errors);
-                    warn!(lease = format_args!("{lease:x}"), error = %crate::backend::chain(&error), "lease keep-alive failed");
+                    warn!(lease = format_args!("{lease:x}"), error = %crate::backend::error_chain(&error), "lease keep-alive failed");
                 }
             }
         }

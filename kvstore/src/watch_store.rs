@@ -297,7 +297,7 @@ impl<R: Resource> Runner<R> {
                         backoff = builder.build();
                     }
                     let delay = backoff.next().unwrap_or(self.config.retry_max);
-                    warn!(error = %crate::backend::chain(&error), retry_in = ?delay, "list-and-watch broken, listing again");
+                    warn!(error = %crate::backend::error_chain(&error), retry_in = ?delay, "list-and-watch broken, listing again");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -411,7 +411,7 @@ impl<R: Resource> Runner<R> {
             Err(error) => {
                 let reason = error.reason();
                 shared.stats.reject(reason);
-                warn!(key = %clip(&kv.key), reason, error = %crate::backend::chain(&error), "rejected record");
+                warn!(key = %clip(&kv.key), reason, error = %crate::backend::error_chain(&error), "rejected record");
                 None
             }
         }
