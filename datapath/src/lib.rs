@@ -9,16 +9,16 @@
 //!
 //! | program | attached to | does |
 //! |---|---|---|
-//! | `from_pod` | host side of every pod veth | parse Ethernet + IPv4/IPv6; drop if the source IP is not this veth's pod; destination a local pod → rewrite MACs, decrement TTL, `bpf_redirect_peer` into the pod; ipcache says remote node with a tunnel endpoint → tunnel key (remote = node IP, VNI = source identity) and `bpf_redirect` to the VXLAN device; ipcache flag `ENCRYPT`, no tunnel endpoint (native routing) or unknown (world) → `TC_ACT_OK`, the node's routing table decides |
+//! | `from_pod` | host side of every pod veth | parse Ethernet + IPv4/IPv6; drop if the source IP is not this veth's pod; a reply of a translated flow gets the frontend back as source, a packet to a service frontend gets a backend as destination (see [Services](#services)); destination a local pod → rewrite MACs, decrement TTL, `bpf_redirect_peer` into the pod; ipcache says remote node with a tunnel endpoint → tunnel key (remote = node IP, VNI = source identity) and `bpf_redirect` to the VXLAN device; ipcache flag `ENCRYPT`, no tunnel endpoint (native routing) or unknown (world) → `TC_ACT_OK`, the node's routing table decides |
 //! | `from_overlay` | the VXLAN device (external mode) | read the tunnel key, source identity = VNI, deliver to the local pod by destination IP with `bpf_redirect_peer`; unknown pod → drop (`UnknownEndpoint`) |
 //! | `from_netdev` | an Ethernet device where natively routed pod traffic arrives | destination a local pod → rewrite MACs, deliver to it; else `TC_ACT_OK` |
 //! | `from_l3dev` | an L3 device (WireGuard / TUN) where decrypted traffic arrives | like `from_netdev`, after prepending the Ethernet header a veth needs |
 //! | `test_from_overlay` | never attached | `from_overlay`'s delivery code with the VNI and remote taken from `skb->cb[0..2]`, because `BPF_PROG_TEST_RUN` cannot attach tunnel metadata to a test packet |
 //!
-//! The places where service translation (before the destination lookup in
-//! `from_pod`) and policy (egress in `from_pod`, ingress before every
-//! delivery to a pod) slot in are marked `slot:` in the C source; their maps
-//! exist and are pinned already.
+//! `from_overlay`, `from_netdev` and `from_l3dev` reverse-translate replies
+//! of translated flows before delivering to a pod. The places where policy
+//! (egress in `from_pod`, ingress before every delivery to a pod) slots in
+//! are marked `slot:` in the C source; its map exists and is pinned already.
 //!
 //! # Maps
 //!
@@ -30,10 +30,12 @@
 //! |---|---|---|---|
 //! | `ipcache` | LPM trie | family + IPv4/IPv6 prefix → identity, tunnel endpoint, flags | [`Ipcache`] |
 //! | `endpoints` | hash | local pod IP → veth ifindex, pod MAC, gateway MAC, endpoint id, identity | [`Endpoints`] |
-//! | `services` | hash | (frontend IP, port, proto) → backend count, Maglev id, flags | [`abi::ServiceKey`] / [`abi::ServiceValue`] |
-//! | `backends` | hash | backend id → IP, port, proto, cluster id, state | [`abi::BackendValue`] |
+//! | `services` | hash | (frontend IP, port, proto) → service id, backend count, Maglev table number, flags | [`LoadBalancer`] |
+//! | `backends` | hash | backend id → IP, port, proto, cluster id, state, service id | [`LoadBalancer`] |
+//! | `maglev` | array | table `t`, slot `s` at `t × M + s` → backend id | [`LoadBalancer`], [`maglev`] |
+//! | `lb_ct` | LRU hash | flow (5-tuple + direction) → backend, or frontend to restore | [`abi::CtKey`] / [`abi::CtValue`] |
 //! | `policy` | hash | (endpoint, identity, port, proto, direction) → verdict, counters | [`abi::PolicyKey`] / [`abi::PolicyValue`] |
-//! | `dp_config` | array (1 entry) | VXLAN ifindex, trace flag | [`Datapath::set_trace`], [`Datapath::attach_from_overlay`] |
+//! | `dp_config` | array (1 entry) | VXLAN ifindex, trace flag, Maglev table size | [`Datapath::set_trace`], [`Datapath::attach_from_overlay`] |
 //! | `events` | ring buffer | drop and trace [`Event`]s | [`Datapath::events`] |
 //!
 //! Byte order: addresses in keys are network order (IPv4 in the first four
@@ -53,6 +55,58 @@
 //! * Encrypted or natively routed: `from_pod` returns `TC_ACT_OK`, the node's
 //!   routes (set by the agent) send it to the WireGuard device or the underlay;
 //!   on the receiving node `from_l3dev` / `from_netdev` delivers it to the pod.
+//!
+//! # Services
+//!
+//! A service is a frontend (IP, port, TCP/UDP) with backends (pod IP, port,
+//! cluster). The agent writes them through [`LoadBalancer::set_service`]
+//! (whole desired state per frontend; write order and affinity in [`lb`]);
+//! Maglev tables are built in Rust ([`maglev`]) and are identical on every
+//! node for the same backend set.
+//!
+//! **Forward** (`from_pod`, TCP/UDP with ports, i.e. not a later fragment):
+//! `services` lookup on (destination, port, proto). On a hit, `lb_ct` is
+//! asked for the flow's `CT_FORWARD` entry (key: the packet as the client
+//! sent it); if it names a backend that still exists, belongs to this
+//! service and is not quarantined, the flow keeps it. Otherwise the backend
+//! is `maglev[maglev_id × M + flow_hash % M]` ([`lb::flow_hash`] is the
+//! Rust mirror), and the choice is recorded. A `CT_REVERSE` entry keyed by
+//! the reply as the backend will send it (backend → client) records the
+//! frontend. The destination address and port are rewritten with
+//! `bpf_skb_store_bytes`, the IPv4 header checksum with `bpf_l3_csum_replace`
+//! and the TCP/UDP checksum (pseudo header included; IPv6 through
+//! `bpf_csum_diff`) with `bpf_l4_csum_replace`. Then the packet takes the
+//! normal path with the backend as destination: local backend → its veth,
+//! remote → the tunnel (or the kernel for encryption/native routing). A
+//! frontend with no usable backend drops with [`DropReason::NoBackend`].
+//!
+//! **Replies** are translated back on the client's node, wherever they
+//! enter it, always before delivery to the client pod: a local backend's
+//! reply in `from_pod` on the backend's veth; a remote backend's reply,
+//! which leaves the backend's node untranslated (that node has no entry),
+//! in `from_overlay` (VXLAN) or `from_netdev` / `from_l3dev` (native
+//! routing, WireGuard). The `CT_REVERSE` entry gives the frontend address
+//! and port, written as the source with the same checksum updates.
+//!
+//! **Conntrack** entries have no timeout: the LRU map evicts the least
+//! recently used when full (size: [`DatapathOptions::conntrack_entries`],
+//! two entries per flow). Every forward packet looks its entry up and
+//! recreates a missing reverse entry, so a live flow is never evicted
+//! half-way. Limits: no NAT46 (backends have the frontend's family); ICMP
+//! errors about a translated flow are not translated; two flows that differ
+//! only in the frontend but share client port and backend collide in the
+//! reverse direction (as with any DNAT without SNAT).
+//!
+//! **Why one flat `maglev` array** rather than an array of maps: aya 0.14
+//! can create map-in-map, but an inner map's geometry is fixed by the
+//! object's template, while the table size is a load-time option here;
+//! with one array, the table size is `dp_config.maglev_size`, the array's
+//! `max_entries` is set at load ([`DatapathOptions`]), the verifier sees
+//! plain array lookups, and a service switches to a freshly written table
+//! by one `services` update, with no inner-map file descriptors to manage
+//! across restarts. The price is memory allocated up front
+//! (`tables × M × 8` bytes: 16 MiB for the default 128 tables of 16381),
+//! and a table is written with one syscall per slot.
 //!
 //! # What the host must look like
 //!
@@ -103,7 +157,8 @@
 //!    `__uint(pinning, LIBBPF_PIN_BY_NAME)`.
 //! 2. Mirror the structs in [`abi`] (`#[repr(C)]`, same field order, add them to
 //!    the `pod!` list) and add them to the checks in `tests/layout.rs`.
-//! 3. Add the name and sizes to `PINNED_MAPS` in this file, so an adopted pin
+//! 3. Add the name and sizes to `PINNED_MAPS` in this file (and to
+//!    `check_map_entries` if its size comes from [`DatapathOptions`]), so an adopted pin
 //!    with another layout is refused instead of misread.
 //! 4. Write a typed handle in [`maps`] that opens the pin (see [`Endpoints`]).
 //! 5. A changed layout of an existing map is a format change: bump
