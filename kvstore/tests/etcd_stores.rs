@@ -41,7 +41,11 @@ async fn round_trip_of_10000_records_with_updates_and_deletes() {
     w.synced();
     idle(&w, LONG).await;
     r.wait_until_synced().await;
-    assert_eq!(recorded.lock().unwrap().synced, 1);
+    testkit::wait_until(LONG, "the Synced event", || {
+        let n = recorded.lock().unwrap().synced;
+        async move { n == 1 }
+    })
+    .await;
 
     // Updates (some of them several times) and deletes.
     for round in 0..3u16 {
@@ -164,7 +168,9 @@ async fn etcd_restarted_empty_writer_recreates_everything() {
     let canary = backend.get(w.canary_key()).await.unwrap();
     assert!(canary.is_some(), "the canary is written again");
     converged(&r, &want, LONG).await;
-    assert_eq!(w.stats().canaries.load(Ordering::Relaxed), 2);
+    // Each lost lease is noticed on its own, so the canary may go more than
+    // once more; at least once after the data loss.
+    assert!(w.stats().canaries.load(Ordering::Relaxed) >= 2);
     assert_eq!(recorded.lock().unwrap().synced, 1);
 }
 
