@@ -2,7 +2,8 @@
 //!
 //! Readers need only [`ListWatch`]; writers need [`KvWrite`] and [`Leases`]
 //! (plus [`ListWatch`] to adopt what a previous writer left); identity
-//! allocation needs [`Transactions`]. Two backends implement them: the etcd
+//! allocation needs [`Transactions`] (multi-key compare-and-swap, see
+//! [`Txn`]). Two backends implement them: the etcd
 //! one ([`crate::EtcdBackend`]) and an in-memory one for unit tests
 //! ([`crate::MemoryBackend`]).
 
@@ -119,6 +120,22 @@ pub enum BackendError {
         /// The server's reason.
         reason: String,
     },
+    /// A transaction has more compares or operations than etcd accepts.
+    #[error("transaction of {count} compares or operations exceeds the limit of {max}")]
+    TxnTooLarge {
+        /// The larger of the two counts.
+        count: usize,
+        /// [`MAX_TXN_OPS`].
+        max: usize,
+    },
+    /// A transaction etcd would refuse.
+    #[error("invalid transaction on {key:?}: {reason}")]
+    InvalidTxn {
+        /// The offending key.
+        key: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
     /// The store is unreachable (the in-memory backend's simulated outage).
     #[error("kvstore unavailable")]
     Unavailable,
@@ -206,10 +223,271 @@ pub trait Leases: Send + Sync + 'static {
     async fn revoke(&self, lease: LeaseId) -> Result<(), BackendError>;
 }
 
-/// Compare-and-swap transactions, for allocators that must never hand out
-/// one value twice.
+/// Largest number of compares, and of operations, in one [`Txn`]: etcd's
+/// default `--max-txn-ops`. Both backends refuse a larger transaction with
+/// [`BackendError::TxnTooLarge`] before sending anything.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// One condition of a [`Txn`]. Every compare is evaluated against the store
+/// at the transaction's revision, atomically with the writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// `key` does not exist.
+    Absent {
+        /// The key.
+        key: String,
+    },
+    /// `key`'s last modification was at `revision`. As in etcd, a missing key
+    /// has mod revision 0, so `revision: 0` also means "absent".
+    ModRevision {
+        /// The key.
+        key: String,
+        /// The expected mod revision (0: absent).
+        revision: Revision,
+    },
+    /// `key` exists and holds exactly `value`. Fails on a missing key, as
+    /// etcd's value compare does.
+    Value {
+        /// The key.
+        key: String,
+        /// The expected value.
+        value: Vec<u8>,
+    },
+    /// No key starting with `prefix` exists (etcd: a range compare of the
+    /// create revision against 0). Lets a writer act only while nobody else
+    /// holds a key under a prefix, e.g. a user of an identity.
+    NoKeyWithPrefix {
+        /// The prefix; must not be empty.
+        prefix: String,
+    },
+}
+
+impl Compare {
+    /// [`Compare::Absent`].
+    pub fn absent(key: impl Into<String>) -> Self {
+        Self::Absent { key: key.into() }
+    }
+
+    /// [`Compare::ModRevision`].
+    pub fn mod_revision(key: impl Into<String>, revision: Revision) -> Self {
+        Self::ModRevision {
+            key: key.into(),
+            revision,
+        }
+    }
+
+    /// [`Compare::Value`].
+    pub fn value(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        Self::Value {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    /// [`Compare::NoKeyWithPrefix`].
+    pub fn no_key_with_prefix(prefix: impl Into<String>) -> Self {
+        Self::NoKeyWithPrefix {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The key (or prefix) the compare reads.
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Absent { key } | Self::ModRevision { key, .. } | Self::Value { key, .. } => key,
+            Self::NoKeyWithPrefix { prefix } => prefix,
+        }
+    }
+}
+
+/// One write of a [`Txn`], applied only when every compare holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnOp {
+    /// Puts `value` under `key`, bound to `lease` when given.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: Vec<u8>,
+        /// The lease the key is bound to, if any.
+        lease: Option<LeaseId>,
+    },
+    /// Deletes `key` (nothing happens when it does not exist).
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+impl TxnOp {
+    /// [`TxnOp::Put`].
+    pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>, lease: Option<LeaseId>) -> Self {
+        Self::Put {
+            key: key.into(),
+            value: value.into(),
+            lease,
+        }
+    }
+
+    /// [`TxnOp::Delete`].
+    pub fn delete(key: impl Into<String>) -> Self {
+        Self::Delete { key: key.into() }
+    }
+
+    /// The key the operation writes.
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Put { key, .. } | Self::Delete { key } => key,
+        }
+    }
+}
+
+/// A multi-key transaction: if every compare holds, apply every operation,
+/// all at one revision; otherwise change nothing. This is one etcd `Txn`
+/// (without an else branch: a caller that lost reads again, because what it
+/// needs to know depends on why it lost).
+///
+/// ```
+/// use kvstore::{Compare, Txn, TxnOp};
+///
+/// // Create an identity and its reverse index together, or neither.
+/// let txn = Txn::new()
+///     .when([
+///         Compare::absent("cilium/state/identities/v1/id/196864"),
+///         Compare::absent("mesh/registry/v1/c1/identities/k8s:app=web;"),
+///     ])
+///     .and_then([
+///         TxnOp::put("cilium/state/identities/v1/id/196864", "k8s:app=web;", None),
+///         TxnOp::put("mesh/registry/v1/c1/identities/k8s:app=web;", "196864", None),
+///     ]);
+/// assert_eq!(txn.ops().len(), 2);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    compares: Vec<Compare>,
+    ops: Vec<TxnOp>,
+}
+
+impl Txn {
+    /// An empty transaction (it succeeds and writes nothing).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds conditions; all of them must hold.
+    #[must_use]
+    pub fn when(mut self, compares: impl IntoIterator<Item = Compare>) -> Self {
+        self.compares.extend(compares);
+        self
+    }
+
+    /// Adds operations applied when every condition holds.
+    #[must_use]
+    pub fn and_then(mut self, ops: impl IntoIterator<Item = TxnOp>) -> Self {
+        self.ops.extend(ops);
+        self
+    }
+
+    /// The conditions.
+    pub fn compares(&self) -> &[Compare] {
+        &self.compares
+    }
+
+    /// The operations.
+    pub fn ops(&self) -> &[TxnOp] {
+        &self.ops
+    }
+
+    /// The first lease a put binds to, for error reports.
+    pub(crate) fn first_lease(&self) -> Option<LeaseId> {
+        self.ops.iter().find_map(|op| match op {
+            TxnOp::Put { lease, .. } => *lease,
+            TxnOp::Delete { .. } => None,
+        })
+    }
+
+    /// A short description for error messages: the first key written, or
+    /// compared when nothing is written.
+    pub(crate) fn describe(&self) -> String {
+        let first = self
+            .ops
+            .first()
+            .map(TxnOp::key)
+            .or_else(|| self.compares.first().map(Compare::key))
+            .unwrap_or("");
+        let more = (self.ops.len() + self.compares.len()).saturating_sub(1);
+        if more == 0 {
+            first.to_owned()
+        } else {
+            format!("{first} (+{more} more)")
+        }
+    }
+
+    /// Checks what etcd would refuse, so that both backends refuse the same
+    /// transactions: too many compares or operations, an empty prefix
+    /// compare, or one key written twice.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::TxnTooLarge`] or [`BackendError::InvalidTxn`].
+    pub fn validate(&self) -> Result<(), BackendError> {
+        let largest = self.compares.len().max(self.ops.len());
+        if largest > MAX_TXN_OPS {
+            return Err(BackendError::TxnTooLarge {
+                count: largest,
+                max: MAX_TXN_OPS,
+            });
+        }
+        if let Some(c) = self
+            .compares
+            .iter()
+            .find(|c| matches!(c, Compare::NoKeyWithPrefix { prefix } if prefix.is_empty()))
+        {
+            return Err(BackendError::InvalidTxn {
+                key: c.key().to_owned(),
+                reason: "a prefix compare needs a non-empty prefix",
+            });
+        }
+        let mut written = std::collections::HashSet::new();
+        for op in &self.ops {
+            if !written.insert(op.key()) {
+                return Err(BackendError::InvalidTxn {
+                    key: op.key().to_owned(),
+                    reason: "the key is written twice in one transaction",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a [`Txn`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnOutcome {
+    /// Whether every compare held (and so every operation was applied).
+    pub succeeded: bool,
+    /// The store's revision after the transaction: on success with at least
+    /// one change, the revision every written key now has as mod revision;
+    /// otherwise the revision the compares were evaluated at.
+    pub revision: Revision,
+}
+
+/// Transactions, for allocators that must never hand out one value twice.
+///
+/// Implementors provide [`Transactions::txn`]; the single-key helpers are
+/// built on it.
 #[async_trait]
 pub trait Transactions: Send + Sync + 'static {
+    /// Runs `txn` atomically; see [`Txn`].
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::TxnTooLarge`] / [`BackendError::InvalidTxn`] (nothing
+    /// sent); [`BackendError::LeaseNotFound`] when the compares held but a
+    /// put's lease is gone (nothing applied); otherwise when the store cannot
+    /// be reached. A lost compare is not an error: `succeeded` is `false`.
+    async fn txn(&self, txn: &Txn) -> Result<TxnOutcome, BackendError>;
+
     /// Creates `key` with `value` only if it does not exist. Returns whether
     /// it was created.
     ///
@@ -222,7 +500,10 @@ pub trait Transactions: Send + Sync + 'static {
         value: &[u8],
         lease: Option<LeaseId>,
     ) -> Result<bool, BackendError> {
-        self.put_if_mod_revision(key, value, 0, lease).await
+        let txn = Txn::new()
+            .when([Compare::absent(key)])
+            .and_then([TxnOp::put(key, value, lease)]);
+        Ok(self.txn(&txn).await?.succeeded)
     }
 
     /// Puts `value` only if `key`'s mod revision is `expected` (0: the key
@@ -237,10 +518,15 @@ pub trait Transactions: Send + Sync + 'static {
         value: &[u8],
         expected: Revision,
         lease: Option<LeaseId>,
-    ) -> Result<bool, BackendError>;
+    ) -> Result<bool, BackendError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, expected)])
+            .and_then([TxnOp::put(key, value, lease)]);
+        Ok(self.txn(&txn).await?.succeeded)
+    }
 
     /// Deletes `key` only if its mod revision is `expected`. Returns whether
-    /// it was deleted.
+    /// it was deleted (never for `expected` 0: a missing key cannot be).
     ///
     /// # Errors
     ///
@@ -249,7 +535,15 @@ pub trait Transactions: Send + Sync + 'static {
         &self,
         key: &str,
         expected: Revision,
-    ) -> Result<bool, BackendError>;
+    ) -> Result<bool, BackendError> {
+        if expected == 0 {
+            return Ok(false);
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, expected)])
+            .and_then([TxnOp::delete(key)]);
+        Ok(self.txn(&txn).await?.succeeded)
+    }
 }
 
 /// What a [`crate::SyncStore`] needs: adopt (list), write, and hold leases.

@@ -5,21 +5,22 @@
 //! sub-client. Unary requests get a deadline here rather than a gRPC
 //! timeout on the channel, because a channel timeout would also end
 //! long-lived watch streams. Lists are paginated at one revision, so a large
-//! prefix neither needs one huge response nor loses consistency.
+//! prefix neither needs one huge response nor loses consistency. A
+//! [`Txn`](crate::Txn) is exactly one etcd `Txn` request, so its compares and
+//! writes are atomic on the server.
 
 use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, KvClient, LeaseClient, PutOptions, Txn, TxnOp,
-    WatchClient, WatchOptions,
+    CompareOp, EventType, GetOptions, KvClient, LeaseClient, PutOptions, WatchClient, WatchOptions,
 };
 use futures::StreamExt;
 
 use crate::backend::{
-    BackendError, KeyValue, KvWrite, LeaseId, Leases, ListWatch, Listing, Revision, Transactions,
-    WatchEvent, WatchStream,
+    BackendError, Compare, KeyValue, KvWrite, LeaseId, Leases, ListWatch, Listing, Revision,
+    Transactions, Txn, TxnOp, TxnOutcome, WatchEvent, WatchStream,
 };
 
 /// Keys fetched per list request.
@@ -298,46 +299,57 @@ impl Leases for EtcdBackend {
     }
 }
 
-impl EtcdBackend {
-    async fn txn(
-        &self,
-        key: &str,
-        compare: Compare,
-        then: TxnOp,
-        lease: Option<LeaseId>,
-    ) -> Result<bool, BackendError> {
-        let mut kv = self.kv.clone();
-        let txn = Txn::new().when([compare]).and_then([then]);
-        let resp = self
-            .call("txn", key, kv.txn(txn))
-            .await
-            .map_err(|e| map_lease_error(e, lease))?;
-        Ok(resp.succeeded())
+fn to_etcd_compare(compare: &Compare) -> etcd_client::Compare {
+    use etcd_client::Compare as C;
+    match compare {
+        // A key that does not exist has create revision 0; one that does has
+        // a positive one (unlike its version, which a compaction keeps).
+        Compare::Absent { key } => C::create_revision(key.as_str(), CompareOp::Equal, 0),
+        Compare::ModRevision { key, revision } => {
+            C::mod_revision(key.as_str(), CompareOp::Equal, *revision)
+        }
+        Compare::Value { key, value } => C::value(key.as_str(), CompareOp::Equal, value.clone()),
+        // A range compare holds when every key in the range satisfies it, and
+        // trivially when the range is empty; every existing key fails it.
+        Compare::NoKeyWithPrefix { prefix } => {
+            C::create_revision(prefix.as_str(), CompareOp::Equal, 0)
+                .with_range(prefix_end(prefix.as_bytes()))
+        }
+    }
+}
+
+fn to_etcd_op(op: &TxnOp) -> etcd_client::TxnOp {
+    match op {
+        TxnOp::Put { key, value, lease } => etcd_client::TxnOp::put(
+            key.as_str(),
+            value.clone(),
+            lease.map(|l| PutOptions::new().with_lease(l)),
+        ),
+        TxnOp::Delete { key } => etcd_client::TxnOp::delete(key.as_str(), None),
     }
 }
 
 #[async_trait]
 impl Transactions for EtcdBackend {
-    async fn put_if_mod_revision(
-        &self,
-        key: &str,
-        value: &[u8],
-        expected: Revision,
-        lease: Option<LeaseId>,
-    ) -> Result<bool, BackendError> {
-        let opts = lease.map(|l| PutOptions::new().with_lease(l));
-        let compare = Compare::mod_revision(key, CompareOp::Equal, expected);
-        self.txn(key, compare, TxnOp::put(key, value, opts), lease)
+    async fn txn(&self, txn: &Txn) -> Result<TxnOutcome, BackendError> {
+        txn.validate()?;
+        let request = etcd_client::Txn::new()
+            .when(
+                txn.compares()
+                    .iter()
+                    .map(to_etcd_compare)
+                    .collect::<Vec<_>>(),
+            )
+            .and_then(txn.ops().iter().map(to_etcd_op).collect::<Vec<_>>());
+        let mut kv = self.kv.clone();
+        let resp = self
+            .call("txn", &txn.describe(), kv.txn(request))
             .await
-    }
-
-    async fn delete_if_mod_revision(
-        &self,
-        key: &str,
-        expected: Revision,
-    ) -> Result<bool, BackendError> {
-        let compare = Compare::mod_revision(key, CompareOp::Equal, expected);
-        self.txn(key, compare, TxnOp::delete(key, None), None).await
+            .map_err(|e| map_lease_error(e, txn.first_lease()))?;
+        Ok(TxnOutcome {
+            succeeded: resp.succeeded(),
+            revision: resp.header().map_or(0, |h| h.revision()),
+        })
     }
 }
 

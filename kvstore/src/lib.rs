@@ -11,7 +11,9 @@
 //!
 //! **Narrow backends.** Stores depend on the smallest trait they need
 //! ([`ListWatch`] to read; [`KvWrite`] and [`Leases`] to write;
-//! [`Transactions`] to allocate). [`EtcdBackend`] implements them on
+//! [`Transactions`] to allocate: a multi-key [`Txn`] of compares and writes,
+//! one etcd `Txn`, so that an allocator can create or delete several keys
+//! together or not at all). [`EtcdBackend`] implements them on
 //! `etcd-client`; [`MemoryBackend`] implements them in memory for unit tests
 //! that run on a paused clock.
 //!
@@ -79,8 +81,9 @@ mod sync_store;
 mod watch_store;
 
 pub use backend::{
-    error_chain, Backend, BackendError, KeyValue, KvWrite, LeaseId, Leases, ListWatch, Listing,
-    Revision, SyncBackend, Transactions, WatchEvent, WatchStream,
+    error_chain, Backend, BackendError, Compare, KeyValue, KvWrite, LeaseId, Leases, ListWatch,
+    Listing, Revision, SyncBackend, Transactions, Txn, TxnOp, TxnOutcome, WatchEvent, WatchStream,
+    MAX_TXN_OPS,
 };
 pub use cluster::{
     read_cluster_config, run_heartbeat, write_cluster_config, ClusterConfigError, HEARTBEAT_PERIOD,

@@ -5,7 +5,8 @@
 //! in the history (replayed, then live, with no gap), compaction (a watch
 //! from a compacted revision fails with [`BackendError::Compacted`]), and
 //! leases whose keys vanish, with delete events, when they are not kept
-//! alive. Lease expiry runs on `tokio::time`, so tests drive it with
+//! alive, and transactions exactly as etcd runs them (compares, then lease
+//! checks, then every write at one revision, reported as one watch batch). Lease expiry runs on `tokio::time`, so tests drive it with
 //! `tokio::time::pause`/`advance`.
 //!
 //! Faults a test can inject: [`MemoryBackend::set_available`] (an outage:
@@ -26,8 +27,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::backend::{
-    BackendError, KeyValue, KvWrite, LeaseId, Leases, ListWatch, Listing, Revision, Transactions,
-    WatchEvent, WatchStream,
+    BackendError, Compare, KeyValue, KvWrite, LeaseId, Leases, ListWatch, Listing, Revision,
+    Transactions, Txn, TxnOp, TxnOutcome, WatchEvent, WatchStream,
 };
 
 type WatchSender = mpsc::UnboundedSender<Result<Vec<WatchEvent>, BackendError>>;
@@ -69,10 +70,19 @@ impl State {
         }
     }
 
-    fn emit(&mut self, event: WatchEvent) {
-        self.history.push((self.revision, event.clone()));
+    /// Records the events of one revision and sends them to the watchers
+    /// of their prefixes as one batch, as etcd does for one revision.
+    fn emit(&mut self, events: Vec<WatchEvent>) {
+        for event in &events {
+            self.history.push((self.revision, event.clone()));
+        }
         self.watchers.retain(|w| {
-            !event.key().starts_with(&w.prefix) || w.tx.send(Ok(vec![event.clone()])).is_ok()
+            let batch: Vec<WatchEvent> = events
+                .iter()
+                .filter(|e| e.key().starts_with(&w.prefix))
+                .cloned()
+                .collect();
+            batch.is_empty() || w.tx.send(Ok(batch)).is_ok()
         });
     }
 
@@ -82,12 +92,31 @@ impl State {
         value: &[u8],
         lease: Option<LeaseId>,
     ) -> Result<Revision, BackendError> {
-        if let Some(lease) = lease {
-            if !self.leases.contains_key(&lease) {
-                return Err(BackendError::LeaseNotFound { lease });
-            }
-        }
+        self.check_lease(lease)?;
         self.revision += 1;
+        let event = self.put_at(key, value, lease, self.revision);
+        self.emit(vec![event]);
+        Ok(self.revision)
+    }
+
+    fn check_lease(&self, lease: Option<LeaseId>) -> Result<(), BackendError> {
+        match lease {
+            Some(lease) if !self.leases.contains_key(&lease) => {
+                Err(BackendError::LeaseNotFound { lease })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes `key` at `revision` (the caller checked the lease and bumps
+    /// the store's revision); returns the event to emit.
+    fn put_at(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+        revision: Revision,
+    ) -> WatchEvent {
         let create_revision = match self.kvs.get(key) {
             Some(old) => {
                 if old.lease != 0 && Some(old.lease) != lease {
@@ -97,7 +126,7 @@ impl State {
                 }
                 old.create_revision
             }
-            None => self.revision,
+            None => revision,
         };
         if let Some(lease) = lease {
             if let Some(l) = self.leases.get_mut(&lease) {
@@ -107,36 +136,101 @@ impl State {
         let kv = KeyValue {
             key: key.to_owned(),
             value: value.to_vec(),
-            mod_revision: self.revision,
+            mod_revision: revision,
             create_revision,
             lease: lease.unwrap_or(0),
         };
         self.kvs.insert(key.to_owned(), kv.clone());
-        self.emit(WatchEvent::Put(kv));
-        Ok(self.revision)
+        WatchEvent::Put(kv)
     }
 
     fn delete(&mut self, key: &str) -> bool {
-        let Some(old) = self.kvs.remove(key) else {
-            return false;
-        };
+        match self.delete_at(key, self.revision + 1) {
+            Some(event) => {
+                self.revision += 1;
+                self.emit(vec![event]);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Deletes `key` at `revision`, if it exists; returns the event to emit.
+    fn delete_at(&mut self, key: &str, revision: Revision) -> Option<WatchEvent> {
+        let old = self.kvs.remove(key)?;
         if let Some(l) = self.leases.get_mut(&old.lease) {
             l.keys.remove(key);
         }
-        self.revision += 1;
-        let mod_revision = self.revision;
-        self.emit(WatchEvent::Delete {
+        Some(WatchEvent::Delete {
             key: key.to_owned(),
-            mod_revision,
-        });
-        true
+            mod_revision: revision,
+        })
     }
 
-    fn revoke(&mut self, lease: LeaseId) {
-        if let Some(l) = self.leases.remove(&lease) {
-            for key in l.keys {
-                self.delete(&key);
+    fn holds(&self, compare: &Compare) -> bool {
+        match compare {
+            Compare::Absent { key } => !self.kvs.contains_key(key),
+            Compare::ModRevision { key, revision } => {
+                self.kvs.get(key).map_or(0, |kv| kv.mod_revision) == *revision
             }
+            Compare::Value { key, value } => self.kvs.get(key).is_some_and(|kv| kv.value == *value),
+            Compare::NoKeyWithPrefix { prefix } => !self
+                .kvs
+                .range(prefix.clone()..)
+                .next()
+                .is_some_and(|(k, _)| k.starts_with(prefix.as_str())),
+        }
+    }
+
+    /// etcd's transaction semantics: compares first; then every put's lease
+    /// must exist (else nothing is applied); then all writes at one
+    /// revision, which moves only if something changed.
+    fn txn(&mut self, txn: &Txn) -> Result<TxnOutcome, BackendError> {
+        if !txn.compares().iter().all(|c| self.holds(c)) {
+            return Ok(TxnOutcome {
+                succeeded: false,
+                revision: self.revision,
+            });
+        }
+        for op in txn.ops() {
+            if let TxnOp::Put { lease, .. } = op {
+                self.check_lease(*lease)?;
+            }
+        }
+        let revision = self.revision + 1;
+        let mut events = Vec::new();
+        for op in txn.ops() {
+            match op {
+                TxnOp::Put { key, value, lease } => {
+                    events.push(self.put_at(key, value, *lease, revision));
+                }
+                TxnOp::Delete { key } => events.extend(self.delete_at(key, revision)),
+            }
+        }
+        if !events.is_empty() {
+            self.revision = revision;
+            self.emit(events);
+        }
+        Ok(TxnOutcome {
+            succeeded: true,
+            revision: self.revision,
+        })
+    }
+
+    /// Deletes every key of the lease at one revision, as etcd does.
+    fn revoke(&mut self, lease: LeaseId) {
+        let Some(l) = self.leases.remove(&lease) else {
+            return;
+        };
+        let revision = self.revision + 1;
+        let events: Vec<WatchEvent> = l
+            .keys
+            .iter()
+            .filter_map(|key| self.delete_at(key, revision))
+            .collect();
+        if !events.is_empty() {
+            self.revision = revision;
+            self.emit(events);
         }
     }
 
@@ -370,35 +464,11 @@ impl Leases for MemoryBackend {
 
 #[async_trait]
 impl Transactions for MemoryBackend {
-    async fn put_if_mod_revision(
-        &self,
-        key: &str,
-        value: &[u8],
-        expected: Revision,
-        lease: Option<LeaseId>,
-    ) -> Result<bool, BackendError> {
+    async fn txn(&self, txn: &Txn) -> Result<TxnOutcome, BackendError> {
+        txn.validate()?;
         let mut state = self.lock();
         state.check()?;
-        let current = state.kvs.get(key).map_or(0, |kv| kv.mod_revision);
-        if current != expected {
-            return Ok(false);
-        }
-        state.put(key, value, lease)?;
-        Ok(true)
-    }
-
-    async fn delete_if_mod_revision(
-        &self,
-        key: &str,
-        expected: Revision,
-    ) -> Result<bool, BackendError> {
-        let mut state = self.lock();
-        state.check()?;
-        let current = state.kvs.get(key).map_or(0, |kv| kv.mod_revision);
-        if current != expected || current == 0 {
-            return Ok(false);
-        }
-        Ok(state.delete(key))
+        state.txn(txn)
     }
 }
 
