@@ -50,6 +50,10 @@ pub struct Args {
     /// How long an identity nobody uses is kept before it is released.
     #[arg(long, env = "MESH_IDENTITY_GRACE", default_value = "5m")]
     pub identity_grace: String,
+    /// Time-to-live of the session lease this apiserver's identity user keys are
+    /// bound to: how long a crashed apiserver's identities count as used.
+    #[arg(long, env = "MESH_IDENTITY_LEASE_TTL", default_value = "30s")]
+    pub identity_lease_ttl: String,
     /// How long shutdown waits for in-flight work and the final etcd writes.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "10s")]
     pub drain_timeout: String,
@@ -74,6 +78,8 @@ pub struct Config {
     pub source: Source,
     pub session_grace: Duration,
     pub identity_grace: Duration,
+    /// Time-to-live of the identity session lease (whole seconds, at least 1).
+    pub identity_lease_ttl: Duration,
     pub drain_timeout: Duration,
     /// How often `cilium/.heartbeat` is rewritten (one minute, as Cilium does).
     pub heartbeat_interval: Duration,
@@ -93,6 +99,7 @@ impl Config {
             source: Source::Standalone,
             session_grace: Duration::from_secs(30),
             identity_grace: Duration::from_secs(300),
+            identity_lease_ttl: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(60),
         }
@@ -202,6 +209,16 @@ impl TryFrom<Args> for Config {
         };
         let session_grace = bad.duration("session-grace", &args.session_grace);
         let identity_grace = bad.duration("identity-grace", &args.identity_grace);
+        let identity_lease_ttl = bad.duration("identity-lease-ttl", &args.identity_lease_ttl);
+        if identity_lease_ttl < Duration::from_secs(1)
+            && parse_duration(&args.identity_lease_ttl).is_ok()
+        {
+            bad.push(
+                "identity-lease-ttl",
+                &args.identity_lease_ttl,
+                "must be at least 1s",
+            );
+        }
         let drain_timeout = bad.duration("drain-timeout", &args.drain_timeout);
 
         match (cluster_name, cluster_id, etcd, grpc_listen, source) {
@@ -218,6 +235,7 @@ impl TryFrom<Args> for Config {
                     source,
                     session_grace,
                     identity_grace,
+                    identity_lease_ttl,
                     drain_timeout,
                     heartbeat_interval: Duration::from_secs(60),
                 })

@@ -14,10 +14,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::{identity::IdentityBackend, server::State};
+use crate::server::State;
 
 /// Renders the metrics of `state` in the Prometheus text format.
-pub async fn render_metrics<B: IdentityBackend>(state: &State<B>) -> String {
+pub async fn render_metrics(state: &State) -> String {
     let mut out = String::new();
     out.push_str("# HELP mesh_apiserver_exported Records exported to etcd, per kind.\n");
     out.push_str("# TYPE mesh_apiserver_exported gauge\n");
@@ -50,8 +50,8 @@ pub async fn render_metrics<B: IdentityBackend>(state: &State<B>) -> String {
     out
 }
 
-async fn handle<B: IdentityBackend>(
-    state: Arc<State<B>>,
+async fn handle(
+    state: Arc<State>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, body) = match req.uri().path() {
@@ -83,7 +83,7 @@ async fn handle<B: IdentityBackend>(
 }
 
 /// Serves until the task is aborted.
-pub async fn serve<B: IdentityBackend>(listener: TcpListener, state: Arc<State<B>>) {
+pub async fn serve(listener: TcpListener, state: Arc<State>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,

@@ -7,8 +7,11 @@
 //!
 //! 1. validates each request ([`convert`], [`registry`]) and refuses bad ones
 //!    with `InvalidArgument` naming the field;
-//! 2. allocates a security identity per label set by compare-and-swap in etcd
-//!    ([`identity`]);
+//! 2. allocates a security identity per label set with one etcd transaction
+//!    (id key and reverse index together), records its use under a user key
+//!    bound to its session lease, and releases identities that no apiserver
+//!    of the cluster has used for the grace period ([`identity`]); several
+//!    apiservers of one cluster may allocate concurrently;
 //! 3. persists its registry under the private prefix
 //!    `mesh/registry/v1/<cluster>/` ([`persist`]) so that a restart restores it;
 //! 4. exports nodes, ipcache entries and global services with kvstore's
@@ -47,7 +50,7 @@ use tracing::{info, warn, Instrument};
 use crate::{
     config::Config,
     export::{ClusterInfo, Exporter},
-    identity::{Allocator, KvIdentityBackend},
+    identity::{Allocator, AllocatorConfig},
     persist::Persistence,
     server::{RegistryService, State},
 };
@@ -90,7 +93,7 @@ pub enum RunError {
 /// A started apiserver: etcd connected, registry restored, export started,
 /// listeners bound. Call [`Server::serve`] to answer requests.
 pub struct Server {
-    state: Arc<State<KvIdentityBackend>>,
+    state: Arc<State>,
     grpc: TcpListener,
     health: Option<TcpListener>,
     drain_timeout: Duration,
@@ -137,11 +140,18 @@ impl Server {
         let persistence = Persistence::new(backend.clone(), &cluster);
         let snapshot = persistence.load().await.map_err(StartError::Load)?;
         let range = cluster_identity_range(config.cluster_id, config.max_connected_clusters);
+        let instance = format!("{:016x}", rand::random::<u64>());
+        info!(instance = %instance, "identity allocation instance");
         let allocator = Arc::new(
             Allocator::load(
-                KvIdentityBackend::new(backend.clone(), &cluster),
-                range,
-                config.identity_grace,
+                backend.clone(),
+                AllocatorConfig {
+                    cluster: cluster.clone(),
+                    range,
+                    grace: config.identity_grace,
+                    lease_ttl: config.identity_lease_ttl,
+                    instance,
+                },
             )
             .await
             .map_err(StartError::Identities)?,
@@ -251,7 +261,7 @@ impl Server {
         }
         tasks.push(tokio::spawn(
             Arc::clone(&state.allocator)
-                .run_gc(stop_rx.clone())
+                .run(stop_rx.clone())
                 .in_current_span(),
         ));
         tasks.push(tokio::spawn(
@@ -287,13 +297,16 @@ impl Server {
         {
             warn!(timeout = ?drain_timeout, "export not drained before the timeout");
         }
+        if let Err(e) = state.allocator.shut_down().await {
+            warn!(error = %kvstore::error_chain(&e), "revoking the identity session lease failed; its user keys expire with it");
+        }
         result
     }
 }
 
 /// Readiness (initial export and identities canary), then the heartbeat.
 async fn background(
-    state: Arc<State<KvIdentityBackend>>,
+    state: Arc<State>,
     backend: Arc<dyn kvstore::Backend>,
     heartbeat_interval: Duration,
 ) {

@@ -30,7 +30,7 @@ use tracing::{info, warn, Instrument};
 use crate::{
     convert,
     export::{ClusterInfo, Exporter},
-    identity::{label_string, Allocator, IdentityBackend},
+    identity::{label_string, Allocator},
     model::{EndpointSpec, ObjectKey},
     persist::{PersistError, Persistence},
     registry::{EndpointEntry, FieldError, Registry},
@@ -64,11 +64,11 @@ pub struct Counters {
 }
 
 /// The shared state behind the gRPC service and the background tasks.
-pub struct State<B: IdentityBackend> {
+pub struct State {
     pub(crate) info: ClusterInfo,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) exporter: Exporter,
-    pub(crate) allocator: Arc<Allocator<B>>,
+    pub(crate) allocator: Arc<Allocator>,
     persistence: Persistence,
     sessions: StdMutex<Sessions>,
     session_grace: Duration,
@@ -78,7 +78,7 @@ pub struct State<B: IdentityBackend> {
     shutdown: watch::Sender<bool>,
 }
 
-impl<B: IdentityBackend> std::fmt::Debug for State<B> {
+impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
             .field("cluster", &self.info.name)
@@ -90,12 +90,12 @@ fn invalid(e: FieldError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-impl<B: IdentityBackend> State<B> {
+impl State {
     pub(crate) fn new(
         info: ClusterInfo,
         registry: Registry,
         exporter: Exporter,
-        allocator: Arc<Allocator<B>>,
+        allocator: Arc<Allocator>,
         persistence: Persistence,
         session_grace: Duration,
     ) -> Self {
@@ -332,12 +332,12 @@ fn new_session_id() -> String {
 
 /// The gRPC service over a shared [`State`].
 #[derive(Debug)]
-pub struct RegistryService<B: IdentityBackend>(pub Arc<State<B>>);
+pub struct RegistryService(pub Arc<State>);
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl<B: IdentityBackend> pb::registry_server::Registry for RegistryService<B> {
+impl pb::registry_server::Registry for RegistryService {
     type OpenSessionStream = SessionStream;
 
     async fn open_session(
@@ -556,9 +556,9 @@ impl<B: IdentityBackend> pb::registry_server::Registry for RegistryService<B> {
 /// # Errors
 ///
 /// When an identity cannot be allocated.
-pub(crate) async fn restore<B: IdentityBackend>(
+pub(crate) async fn restore(
     snapshot: crate::persist::Snapshot,
-    allocator: &Allocator<B>,
+    allocator: &Allocator,
     cluster: &str,
 ) -> Result<(Registry, Vec<EndpointEntry>), crate::identity::IdentityError> {
     let mut registry = Registry::default();
@@ -571,7 +571,7 @@ pub(crate) async fn restore<B: IdentityBackend>(
     }
     for mut entry in snapshot.endpoints {
         let labels = label_string(&entry.spec.labels, &entry.spec.namespace, cluster);
-        if !allocator.adopt(&labels, entry.identity).await {
+        if !allocator.adopt(&labels, entry.identity).await? {
             entry.identity = allocator.acquire(&labels).await?;
             renumbered.push(entry.clone());
         }
