@@ -7,11 +7,14 @@
 //! mesh/registry/v1/<cluster>/endpoints/<ns>/<name>     EndpointEntry (spec, identity, IP claim order)
 //! mesh/registry/v1/<cluster>/services/<ns>/<name>      ServiceSpec
 //! mesh/registry/v1/<cluster>/identities/<labels>       numeric identity (see crate::identity)
+//! mesh/registry/v1/<cluster>/identity-users/<n>/<id>   "" per apiserver using identity n, leased
 //! ```
 //!
 //! Writes happen before a request is answered, so an acknowledged registration
 //! survives a restart. The keys carry no lease: the registry must outlive the
-//! process, while the exported `cilium/state/...` keys are the SyncStores'.
+//! process, while the exported `cilium/state/...` keys are the SyncStores'
+//! (the identity user keys are the exception: they say "this process uses
+//! it" and must vanish with the process).
 
 use std::collections::BTreeMap;
 

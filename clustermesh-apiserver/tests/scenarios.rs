@@ -21,6 +21,10 @@
 //! expect SECTION                              wait until the keys under cilium/ (heartbeat
 //!                                             excluded) are exactly SECTION, a JSON object
 //!                                             key → value; "*" matches any value
+//! expect-keys PREFIX SECTION                  as `expect`, for the keys under PREFIX
+//! count PREFIX N                              wait until exactly N keys exist under PREFIX
+//! seed KEY VALUE                              put KEY directly into etcd (e.g. what an older
+//!                                             version left behind)
 //! hold DURATION SECTION                       SECTION holds now and for DURATION
 //! restart                                     stop and start again while watching etcd:
 //!                                             no key under cilium/ is deleted, none under
@@ -36,7 +40,7 @@ use std::{
 
 use clustermesh_apiserver::{config::Config, Server};
 use futures::StreamExt as _;
-use kvstore::{ListWatch as _, SyncStoreConfig};
+use kvstore::{KvWrite as _, ListWatch as _, SyncStoreConfig};
 use mesh_proto::v1 as pb;
 use pb::registry_client::RegistryClient;
 use serde_json::Value;
@@ -300,7 +304,11 @@ impl Harness {
     }
 
     async fn state(&self) -> BTreeMap<String, Value> {
-        let listing = self.backend.list("cilium/").await.unwrap();
+        self.state_under("cilium/").await
+    }
+
+    async fn state_under(&self, prefix: &str) -> BTreeMap<String, Value> {
+        let listing = self.backend.list(prefix).await.unwrap();
         listing
             .kvs
             .into_iter()
@@ -321,14 +329,17 @@ impl Harness {
             .map_or_else(|| s.to_owned(), |(id, _)| id.clone())
     }
 
-    async fn expect(&self, section: &str, text: &str) {
+    async fn expect(&self, prefix: &str, section: &str, text: &str) {
         let expected: BTreeMap<String, Value> = serde_json::from_str(text).unwrap_or_else(|e| {
             panic!("{}: section {section} is not a JSON object: {e}", self.name)
         });
-        let what = format!("{}: etcd to hold exactly section {section}", self.name);
+        let what = format!(
+            "{}: etcd to hold exactly section {section} under {prefix}",
+            self.name
+        );
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            let actual = self.state().await;
+            let actual = self.state_under(prefix).await;
             if matches(&expected, &actual) {
                 return;
             }
@@ -506,7 +517,32 @@ impl Harness {
                 let text = sections
                     .get(rest)
                     .unwrap_or_else(|| panic!("{}: no section {rest}", self.name));
-                self.expect(rest, text).await;
+                self.expect("cilium/", rest, text).await;
+                Ok(())
+            }
+            "expect-keys" => {
+                let (prefix, section) = rest.split_once(' ').expect("expect-keys PREFIX SECTION");
+                let text = sections
+                    .get(section)
+                    .unwrap_or_else(|| panic!("{}: no section {section}", self.name));
+                self.expect(prefix, section, text).await;
+                Ok(())
+            }
+            "count" => {
+                let (prefix, n) = rest.split_once(' ').expect("count PREFIX N");
+                let n: usize = n.parse().expect("count PREFIX N");
+                let what = format!("{}: exactly {n} keys under {prefix}", self.name);
+                let backend = self.backend.clone();
+                testkit::wait_until(DEADLINE, &what, || {
+                    let backend = backend.clone();
+                    async move { backend.list(prefix).await.unwrap().kvs.len() == n }
+                })
+                .await;
+                Ok(())
+            }
+            "seed" => {
+                let (key, value) = rest.split_once(' ').expect("seed KEY VALUE");
+                self.backend.put(key, value.as_bytes(), None).await.unwrap();
                 Ok(())
             }
             "hold" => {
@@ -591,6 +627,7 @@ scenarios! {
     nodes => "nodes.txtar",
     endpoints => "endpoints.txtar",
     identities => "identities.txtar",
+    identity_orphans => "identity-orphans.txtar",
     services => "services.txtar",
     ip_conflict => "ip-conflict.txtar",
     session_grace => "session-grace.txtar",
