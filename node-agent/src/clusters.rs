@@ -28,8 +28,10 @@
 //! # The config directory
 //!
 //! One file per remote cluster in Cilium's etcd config format; the file name
-//! is the cluster name; dotfiles (Kubernetes secret volumes keep `..data`
-//! links there) are ignored. The directory is polled (once a second by
+//! is the cluster name. Names with a `.` are skipped: a cluster name never
+//! has one, and Cilium's layout keeps each cluster's certificates beside its
+//! config as `<cluster>.etcd-client.crt` and the like; so are dotfiles
+//! (Kubernetes secret volumes keep `..data` links there). The directory is polled (once a second by
 //! default) and files are compared by content, which also catches secret
 //! volumes that swap a symlink rather than write a file.
 
@@ -737,8 +739,9 @@ fn refuse_name(ctx: &Context, name: &str) -> Option<String> {
     None
 }
 
-/// The config files in `dir`: name → content. Dotfiles and directories are
-/// skipped; symlinks are followed.
+/// The config files in `dir`: name → content. Names with a `.` (dotfiles and
+/// the certificate files Cilium's layout keeps beside each config) and
+/// directories are skipped; symlinks are followed.
 fn scan(dir: &Path) -> std::io::Result<BTreeMap<String, Vec<u8>>> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
@@ -746,7 +749,7 @@ fn scan(dir: &Path) -> std::io::Result<BTreeMap<String, Vec<u8>>> {
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
-        if name.starts_with('.') {
+        if name.contains('.') {
             continue;
         }
         let path = entry.path();
@@ -773,10 +776,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scan_skips_dotfiles_and_directories() {
+    fn scan_skips_dotfiles_certificates_and_directories() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("c2"), "endpoints: []").unwrap();
         std::fs::write(tmp.path().join(".hidden"), "x").unwrap();
+        for companion in [
+            "c2.etcd-client.crt",
+            "c2.etcd-client.key",
+            "c2.etcd-client-ca.crt",
+        ] {
+            std::fs::write(tmp.path().join(companion), "-----BEGIN").unwrap();
+        }
         std::fs::create_dir(tmp.path().join("..data")).unwrap();
         std::fs::create_dir(tmp.path().join("sub")).unwrap();
         let files = scan(tmp.path()).unwrap();
