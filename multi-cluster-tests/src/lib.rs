@@ -321,6 +321,9 @@ impl Capture {
                 "-i",
                 plan::BRIDGE,
                 "-n",
+                // Without immediate mode tcpdump buffers in the kernel and
+                // SIGINT loses what it held: the file stays empty.
+                "--immediate-mode",
                 "-U",
                 "-s",
                 "0",
