@@ -76,6 +76,9 @@ pub struct State {
     /// Set when the server shuts down: session streams end, grace timers are
     /// dropped (a successor restores the nodes and starts its own).
     shutdown: watch::Sender<bool>,
+    /// Bumped whenever a service or the backends it selects changed; each
+    /// `WatchServices` stream sends a fresh snapshot when it moves.
+    services_generation: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for State {
@@ -109,6 +112,17 @@ impl State {
             session_grace,
             counters: Counters::default(),
             shutdown: watch::Sender::new(false),
+            services_generation: watch::Sender::new(0),
+        }
+    }
+
+    /// Hands the dirty keys of a mutation to the exporter and wakes the
+    /// `WatchServices` streams when a service's view changed.
+    fn publish(&self, registry: &Registry, dirty: &crate::registry::Dirty) {
+        self.exporter.apply(registry, dirty);
+        if !dirty.services.is_empty() {
+            self.services_generation
+                .send_modify(|g| *g = g.wrapping_add(1));
         }
     }
 
@@ -232,7 +246,7 @@ impl State {
             .delete_node(node)
             .await
             .map_err(|e| self.persist_failed(e))?;
-        self.exporter.apply(&registry, &dirty);
+        self.publish(&registry, &dirty);
         Ok(())
     }
 
@@ -269,7 +283,7 @@ impl State {
                 .await
                 .map_err(|e| self.persist_failed(e))?;
         }
-        self.exporter.apply(&registry, &outcome.dirty);
+        self.publish(&registry, &outcome.dirty);
         match outcome.conflicts.first() {
             None => Ok(identity),
             Some(c) => Err(Status::invalid_argument(format!(
@@ -300,7 +314,7 @@ impl State {
         if let Some(entry) = removed {
             self.allocator.release(&self.labels_of(&entry.spec)).await;
         }
-        self.exporter.apply(&registry, &dirty);
+        self.publish(&registry, &dirty);
         Ok(true)
     }
 
@@ -335,10 +349,12 @@ fn new_session_id() -> String {
 pub struct RegistryService(pub Arc<State>);
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;
+type ServicesStream = Pin<Box<dyn Stream<Item = Result<pb::ListServicesResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::registry_server::Registry for RegistryService {
     type OpenSessionStream = SessionStream;
+    type WatchServicesStream = ServicesStream;
 
     async fn open_session(
         &self,
@@ -402,7 +418,7 @@ impl pb::registry_server::Registry for RegistryService {
             .await
             .map_err(|e| self.0.persist_failed(e))?;
         let dirty = registry.upsert_node(spec);
-        self.0.exporter.apply(&registry, &dirty);
+        self.0.publish(&registry, &dirty);
         Ok(Response::new(pb::RegisterNodeResponse {}))
     }
 
@@ -441,7 +457,7 @@ impl pb::registry_server::Registry for RegistryService {
             .await
             .map_err(|e| self.0.persist_failed(e))?;
         let dirty = registry.upsert_service(spec);
-        self.0.exporter.apply(&registry, &dirty);
+        self.0.publish(&registry, &dirty);
         Ok(Response::new(pb::UpsertServiceResponse {}))
     }
 
@@ -460,7 +476,7 @@ impl pb::registry_server::Registry for RegistryService {
             .delete_service(&key)
             .await
             .map_err(|e| self.0.persist_failed(e))?;
-        self.0.exporter.apply(&registry, &dirty);
+        self.0.publish(&registry, &dirty);
         Ok(Response::new(pb::DeleteServiceResponse { existed: true }))
     }
 
@@ -497,29 +513,40 @@ impl pb::registry_server::Registry for RegistryService {
         _request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         let registry = self.0.registry.lock().await;
-        let services = registry
-            .services()
-            .filter_map(|s| registry.service_view(&s.key()))
-            .map(|view| pb::RegisteredService {
-                service: Some(convert::service_to_proto(view.spec)),
-                backends: view
-                    .backends
-                    .iter()
-                    .map(|(ip, ports)| pb::Backend {
-                        ip: ip.to_string(),
-                        ports: ports
-                            .iter()
-                            .map(|(name, p)| pb::BackendPort {
-                                name: name.clone(),
-                                protocol: convert::protocol_to_proto(p.protocol),
-                                port: p.port.into(),
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        Ok(Response::new(pb::ListServicesResponse { services }))
+        Ok(Response::new(services_snapshot(&registry)))
+    }
+
+    async fn watch_services(
+        &self,
+        _request: Request<pb::WatchServicesRequest>,
+    ) -> Result<Response<ServicesStream>, Status> {
+        let (tx, rx) = mpsc::channel(1);
+        let state = Arc::clone(&self.0);
+        let mut generation = self.0.services_generation.subscribe();
+        let mut shutdown = self.0.shutdown.subscribe();
+        tokio::spawn(
+            async move {
+                loop {
+                    // Mark the current generation seen before reading, so a
+                    // change during the read triggers another snapshot.
+                    generation.borrow_and_update();
+                    let snapshot = services_snapshot(&*state.registry.lock().await);
+                    tokio::select! {
+                        () = stopped(&mut shutdown) => return,
+                        sent = tx.send(Ok(snapshot)) => if sent.is_err() { return },
+                    }
+                    tokio::select! {
+                        () = stopped(&mut shutdown) => return,
+                        () = tx.closed() => return,
+                        changed = generation.changed() => if changed.is_err() { return },
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn status(
@@ -548,6 +575,34 @@ impl pb::registry_server::Registry for RegistryService {
             etcd_errors: state.etcd_errors(),
         }))
     }
+}
+
+/// Every service with its selected local backends (`ListServices`, and each
+/// message of `WatchServices`).
+fn services_snapshot(registry: &Registry) -> pb::ListServicesResponse {
+    let services = registry
+        .services()
+        .filter_map(|s| registry.service_view(&s.key()))
+        .map(|view| pb::RegisteredService {
+            service: Some(convert::service_to_proto(view.spec)),
+            backends: view
+                .backends
+                .iter()
+                .map(|(ip, ports)| pb::Backend {
+                    ip: ip.to_string(),
+                    ports: ports
+                        .iter()
+                        .map(|(name, p)| pb::BackendPort {
+                            name: name.clone(),
+                            protocol: convert::protocol_to_proto(p.protocol),
+                            port: p.port.into(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    pb::ListServicesResponse { services }
 }
 
 /// Puts the persisted registry back: nodes, services, endpoints with their
