@@ -409,9 +409,9 @@ impl PodManager {
             .link(&req.ifname)
             .await?
             .ok_or_else(|| PodError::Check(format!("{} is missing in the pod", req.ifname)))?;
-        if link.mtu != att.mtu {
+        if link.mtu != Some(att.mtu) {
             return Err(PodError::Check(format!(
-                "{} has MTU {}, expected {}",
+                "{} has MTU {:?}, expected {}",
                 req.ifname, link.mtu, att.mtu
             )));
         }

@@ -1,16 +1,24 @@
-//! One rtnetlink connection bound to the network namespace of the thread that
-//! opened it, and the link operations the tunnel layer needs.
+//! One rtnetlink connection bound to a network namespace, and the link
+//! operations the tunnel layer (and the node agent's pod setup) need.
 //!
 //! A netlink socket belongs to the network namespace its creating thread was
 //! in at `socket(2)` time; the socket keeps that namespace even when it is
-//! later polled from other threads. [`Netlink::connect`] therefore must run
-//! on a thread that is already in the node's namespace (the node agent runs
-//! entirely inside it; tests enter it with `setns` on a dedicated thread).
+//! later polled from other threads. [`Netlink::connect`] therefore opens it
+//! in the calling thread's namespace (the node agent runs entirely inside the
+//! node's), while [`Netlink::connect_in`] opens it on a short-lived thread of
+//! its own that entered another namespace with `setns(CLONE_NEWNET)` (a
+//! fresh thread, never a pooled one, so no other work ever runs there); the
+//! connection itself is then driven by the caller's runtime like any other.
 
-use std::net::IpAddr;
+use std::{
+    fs::File,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
+use nix::sched::{setns, CloneFlags};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec};
 
@@ -47,6 +55,31 @@ pub enum NetlinkError {
     /// No tokio runtime to run the netlink connection on.
     #[error("netlink needs a tokio runtime on the calling thread")]
     NoRuntime(#[source] tokio::runtime::TryCurrentError),
+    /// The network namespace file could not be opened.
+    #[error("cannot open network namespace {path}")]
+    OpenNetns {
+        /// The namespace path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `setns` into the network namespace failed.
+    #[error("cannot enter network namespace {path}")]
+    Setns {
+        /// The namespace path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// The helper thread that opens the socket inside a namespace died or
+    /// could not be started.
+    #[error("netlink helper thread for network namespace {path} failed")]
+    Thread {
+        /// The namespace path.
+        path: PathBuf,
+    },
 }
 
 /// The kernel's maximum interface name length, without the NUL.
@@ -109,6 +142,48 @@ impl Netlink {
     pub fn connect() -> Result<Self, NetlinkError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(NetlinkError::NoRuntime)?;
         let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        runtime.spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// Opens a netlink socket inside the network namespace at `netns` (e.g.
+    /// `/run/netns/pod1` or `/proc/<pid>/ns/net`) and spawns its connection
+    /// task on the current tokio runtime; the calling thread stays in its own
+    /// namespace.
+    ///
+    /// # Errors
+    ///
+    /// [`NetlinkError::OpenNetns`], [`NetlinkError::Setns`],
+    /// [`NetlinkError::Thread`], [`NetlinkError::Connect`], or
+    /// [`NetlinkError::NoRuntime`] outside a tokio runtime.
+    pub async fn connect_in(netns: &Path) -> Result<Self, NetlinkError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(NetlinkError::NoRuntime)?;
+        let path = netns.to_owned();
+        let ns = File::open(&path).map_err(|source| NetlinkError::OpenNetns {
+            path: path.clone(),
+            source,
+        })?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let thread_path = path.clone();
+        let thread_runtime = runtime.clone();
+        std::thread::Builder::new()
+            .name("netns-netlink".into())
+            .spawn(move || {
+                let result = setns(&ns, CloneFlags::CLONE_NEWNET)
+                    .map_err(|source| NetlinkError::Setns {
+                        path: thread_path,
+                        source,
+                    })
+                    .and_then(|()| {
+                        // The connection's socket is registered with the
+                        // runtime's reactor when it is created.
+                        let _guard = thread_runtime.enter();
+                        rtnetlink::new_connection().map_err(NetlinkError::Connect)
+                    });
+                let _ = tx.send(result);
+            })
+            .map_err(|_| NetlinkError::Thread { path: path.clone() })?;
+        let (connection, handle, _) = rx.await.map_err(|_| NetlinkError::Thread { path })??;
         runtime.spawn(connection);
         Ok(Self { handle })
     }
@@ -292,7 +367,7 @@ fn kind_name(kind: &InfoKind) -> String {
 }
 
 /// The positive errno of a netlink error answer, if it is one.
-pub(crate) fn errno(error: &rtnetlink::Error) -> Option<i32> {
+pub fn errno(error: &rtnetlink::Error) -> Option<i32> {
     match error {
         rtnetlink::Error::NetlinkError(message) => Some(message.raw_code().abs()),
         _ => None,

@@ -15,8 +15,8 @@ use support::{
 use tunnel::routes::{self, NextHop, RemoteNode, Route, Routing, RoutingMode, Rule, TunnelParams};
 use tunnel::vxlan::{vxlan_state, VxlanOutcome};
 use tunnel::{
-    ensure_vxlan, Backend, BackendPreference, Netlink, PeerConfig, PrivateKey, VxlanConfig,
-    VxlanError, WireguardConfig, WireguardDevice,
+    ensure_vxlan, Backend, BackendPreference, Netlink, NetlinkError, PeerConfig, PrivateKey,
+    VxlanConfig, VxlanError, WireguardConfig, WireguardDevice,
 };
 
 const WG_PORT: u16 = 51871;
@@ -40,6 +40,48 @@ async fn read_vxlan(nl: &Netlink) -> tunnel::vxlan::VxlanState {
         .unwrap()
         .expect("mesh_vxlan exists")
         .expect("mesh_vxlan is a vxlan device")
+}
+
+#[test]
+fn connect_in_talks_to_the_namespace_and_leaves_the_caller_where_it_was() {
+    if !prerequisites(&["ip"]) {
+        return;
+    }
+    let mut namespaces = Namespaces::new();
+    let ns = namespaces.add();
+    ns_sh(&ns, &["ip", "link", "add", "probe0", "type", "bridge"]);
+    let netns = std::path::PathBuf::from(format!("/var/run/netns/{ns}"));
+    let own_ns = || std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let before = own_ns();
+        let nl = Netlink::connect_in(&netns).await.unwrap();
+        assert_eq!(own_ns(), before, "the calling thread changed namespace");
+        let probe = nl
+            .link("probe0")
+            .await
+            .unwrap()
+            .expect("probe0 in the namespace");
+        assert_eq!(probe.kind.as_deref(), Some("bridge"));
+        assert!(nl.delete_link("probe0").await.unwrap());
+        assert_eq!(nl.link("probe0").await.unwrap(), None);
+        assert!(!nl.delete_link("probe0").await.unwrap());
+
+        let missing = netns.with_file_name(format!("{ns}-missing"));
+        assert!(matches!(
+            Netlink::connect_in(&missing).await,
+            Err(NetlinkError::OpenNetns { path, .. }) if path == missing
+        ));
+        // A namespace file of another kind: setns(CLONE_NEWNET) refuses it.
+        let uts = std::path::Path::new("/proc/self/ns/uts");
+        assert!(matches!(
+            Netlink::connect_in(uts).await,
+            Err(NetlinkError::Setns { .. })
+        ));
+    });
 }
 
 #[test]
