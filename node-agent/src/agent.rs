@@ -34,6 +34,7 @@ pub struct LiveStatus {
     pods: Arc<PodManager>,
     registry: Option<Registry>,
     mesh: Arc<Mesh>,
+    services: Arc<std::sync::RwLock<crate::services::ServicesStatus>>,
 }
 
 /// Fills the store-derived fields of `status` from the cluster's stores.
@@ -71,6 +72,11 @@ impl StatusSource for LiveStatus {
                 clusters
             },
             reconcile: self.hub.reconcile(),
+            services: self
+                .services
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
         }
     }
 }
@@ -137,13 +143,26 @@ pub async fn run(
 
     let hub = Arc::new(StatusHub::default());
     let mesh = Arc::new(Mesh::default());
+    let services_status = Arc::default();
     let live = Arc::new(LiveStatus {
         config: config.clone(),
         hub: hub.clone(),
         pods: pods.clone(),
         registry,
         mesh: mesh.clone(),
+        services: Arc::clone(&services_status),
     });
+    let service_tasks = crate::services::spawn(
+        &config.bpffs,
+        config.apiserver.clone(),
+        mesh.clone(),
+        services_status,
+        config.cluster_name.clone(),
+        config.cluster_id,
+        config.sync_timeout,
+        &stopped,
+    )
+    .context("opening the load balancer maps")?;
     let ipcache = dp
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -186,6 +205,7 @@ pub async fn run(
             CONFIG_DIR_PERIOD,
         )));
     }
+    cluster_tasks.extend(service_tasks);
     let _abort_clusters = AbortOnDrop(cluster_tasks);
     let mut tasks = tokio::task::JoinSet::new();
     {

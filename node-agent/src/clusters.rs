@@ -294,12 +294,20 @@ pub struct Mesh {
     /// Cluster ID → name of the cluster holding it.
     claims: Mutex<BTreeMap<u16, String>>,
     changed: Notify,
+    /// The service reconciler's own wake-up ([`crate::services`]).
+    services_changed: Notify,
 }
 
 impl Mesh {
-    /// Wakes the reconciler.
+    /// Wakes the reconciler and the service reconciler.
     pub fn notify(&self) {
         self.changed.notify_one();
+        self.services_changed.notify_one();
+    }
+
+    /// Like [`Mesh::changed`], for the service reconciler.
+    pub async fn services_changed(&self) {
+        self.services_changed.notified().await;
     }
 
     /// Waits for the next change (changes while nobody waits are kept as

@@ -13,6 +13,8 @@
 //!   local one included, one task per cluster ([`clusters`]);
 //! * keeps the ipcache map, WireGuard peers and tunnel routes equal to their
 //!   merged state ([`reconcile`], [`reconciler`]);
+//! * programs the load balancer with the local cluster's services merged
+//!   with the global services of the other clusters ([`services`]);
 //! * reports per-cluster status and metrics ([`status`]).
 //!
 //! Configuration is parsed and validated whole in [`config`]; [`agent::run`]
@@ -28,5 +30,6 @@ pub mod pod;
 pub mod reconcile;
 pub mod reconciler;
 pub mod registry;
+pub mod services;
 pub mod status;
 mod unix;

@@ -120,6 +120,9 @@ pub struct AgentStatus {
     pub clusters: Vec<ClusterStatus>,
     /// Reconciler counters.
     pub reconcile: ReconcileStatus,
+    /// Services programmed into the load balancer ([`crate::services`]).
+    #[serde(default)]
+    pub services: crate::services::ServicesStatus,
 }
 
 /// Shared, cheaply updated status of the cluster tasks and the reconciler.
