@@ -1,7 +1,8 @@
 //! Every program run with `BPF_PROG_TEST_RUN` on crafted packets: verdict,
 //! rewritten headers, tunnel parameters, redirect target and drop events.
-//! Needs root (bpf(2), bpffs); no network setup except one namespace with a
-//! TUN device for the L3 program.
+//! Needs root (bpf(2), bpffs); no network setup. `from_l3dev` is not here:
+//! a test run on an L3 device still hands the program an Ethernet frame, so
+//! it is tested on a real TUN device in `tests/host_devices.rs`.
 
 mod common;
 

@@ -12,6 +12,8 @@ use std::{
 
 use datapath::{netns, Datapath, Endpoint};
 
+pub mod traffic;
+
 /// True when the test may run; false (after saying why) when it must skip.
 /// With `MESH_TEST_STRICT=1` a missing requirement fails the test instead.
 pub fn require_root() -> bool {
@@ -297,7 +299,10 @@ impl Topology {
     }
 }
 
-fn setup_pod(node: &str, pod: &str, host_if: &str, v4: &str, v6: &str) {
+/// A veth pair `host_if` (node) / `eth0` (pod), MTU 1450, with the pod's
+/// addresses, gateway routes and static gateway neighbours as the crate
+/// docs prescribe.
+pub fn setup_pod(node: &str, pod: &str, host_if: &str, v4: &str, v6: &str) {
     run(&[
         "ip", "-n", node, "link", "add", host_if, "mtu", "1450", "type", "veth", "peer", "name",
         "eth0", "netns", pod,
