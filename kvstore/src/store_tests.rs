@@ -64,6 +64,18 @@ fn expected(entries: &[IpcacheEntry]) -> BTreeMap<String, Vec<u8>> {
     entries.iter().map(|e| (e.key(), e.encode())).collect()
 }
 
+/// The initial export of records `0..n` (local identity 300) through `w`:
+/// every record, the synced mark, then waits until all are written.
+async fn export(w: &SyncStore<IpcacheEntry>, n: u32) -> Vec<IpcacheEntry> {
+    let entries: Vec<IpcacheEntry> = (0..n).map(|i| entry(i, 300)).collect();
+    for e in &entries {
+        w.upsert(e);
+    }
+    w.synced();
+    idle(w).await;
+    entries
+}
+
 async fn idle(w: &SyncStore<IpcacheEntry>) {
     tokio::time::timeout(Duration::from_secs(60), w.wait_idle())
         .await
@@ -156,12 +168,7 @@ async fn rewrites_everything_after_etcd_comes_back_empty() {
     let m = MemoryBackend::new();
     let (r, _events) = reader(&m);
     let w = writer(&m, config());
-    let entries: Vec<IpcacheEntry> = (0..40).map(|i| entry(i, 300)).collect();
-    for e in &entries {
-        w.upsert(e);
-    }
-    w.synced();
-    idle(&w).await;
+    let entries = export(&w, 40).await;
     r.wait_until_synced().await;
 
     m.wipe();
@@ -184,13 +191,8 @@ async fn rewrites_everything_after_etcd_comes_back_empty() {
 #[tokio::test(start_paused = true)]
 async fn restarted_writer_adopts_and_deletes_stale_only_after_synced() {
     let m = MemoryBackend::new();
-    let entries: Vec<IpcacheEntry> = (0..20).map(|i| entry(i, 300)).collect();
     let first = writer(&m, config());
-    for e in &entries {
-        first.upsert(e);
-    }
-    first.synced();
-    idle(&first).await;
+    let entries = export(&first, 20).await;
     first.stop();
 
     let second = writer(&m, config());
@@ -226,12 +228,7 @@ async fn dead_writer_keys_expire_and_reader_reports_deletes() {
     let m = MemoryBackend::new();
     let (r, mut events) = reader(&m);
     let w = writer(&m, config());
-    let entries: Vec<IpcacheEntry> = (0..10).map(|i| entry(i, 300)).collect();
-    for e in &entries {
-        w.upsert(e);
-    }
-    w.synced();
-    idle(&w).await;
+    let entries = export(&w, 10).await;
     converged(&r, &expected(&entries)).await;
     drop(w);
     tokio::time::sleep(Duration::from_secs(31)).await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use api::{IpcacheEntry, Resource};
 use common::*;
 use kvstore::{BackendError, KvWrite, ListWatch, SyncStoreConfig};
-use testkit::{EtcdServer, TcpProxy};
+use testkit::TcpProxy;
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -25,21 +25,14 @@ fn fast_config() -> SyncStoreConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_of_10000_records_with_updates_and_deletes() {
-    if !testkit::require_binary("etcd") {
+    let Some((_etcd, backend)) = etcd().await else {
         return;
-    }
-    let etcd = EtcdServer::start().await;
-    let backend = backend(&etcd.endpoint()).await;
-    let (r, events) = reader::<IpcacheEntry>(&backend);
-    let recorded = record(events);
+    };
+    let (r, recorded) = recorded_reader(&backend);
     let w = writer(&backend, fast_config());
 
-    let mut truth: HashMap<u32, IpcacheEntry> = (0..10_000).map(|i| (i, entry(i, 300))).collect();
-    for e in truth.values() {
-        w.upsert(e);
-    }
-    w.synced();
-    idle(&w, LONG).await;
+    let mut truth = records(10_000);
+    export(&w, &truth, LONG).await;
     r.wait_until_synced().await;
     testkit::wait_until(LONG, "the Synced event", || {
         let n = recorded.lock().unwrap().synced;
@@ -78,22 +71,15 @@ async fn round_trip_of_10000_records_with_updates_and_deletes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_sigkilled_and_restarted_mid_churn() {
-    if !testkit::require_binary("etcd") {
+    let Some((mut etcd, backend)) = etcd().await else {
         return;
-    }
-    let mut etcd = EtcdServer::start().await;
-    let backend = backend(&etcd.endpoint()).await;
-    let (r, events) = reader::<IpcacheEntry>(&backend);
-    let recorded = record(events);
+    };
+    let (r, recorded) = recorded_reader(&backend);
     let w = writer(&backend, fast_config());
 
     // 0..2000 live throughout; 2000..3000 get deleted during the churn.
-    let mut truth: HashMap<u32, IpcacheEntry> = (0..3000).map(|i| (i, entry(i, 300))).collect();
-    for e in truth.values() {
-        w.upsert(e);
-    }
-    w.synced();
-    idle(&w, LONG).await;
+    let mut truth = records(3000);
+    export(&w, &truth, LONG).await;
     r.wait_until_synced().await;
 
     for step in 0..20u16 {
@@ -140,20 +126,13 @@ async fn etcd_sigkilled_and_restarted_mid_churn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_restarted_empty_writer_recreates_everything() {
-    if !testkit::require_binary("etcd") {
+    let Some((mut etcd, backend)) = etcd().await else {
         return;
-    }
-    let mut etcd = EtcdServer::start().await;
-    let backend = backend(&etcd.endpoint()).await;
-    let (r, events) = reader::<IpcacheEntry>(&backend);
-    let recorded = record(events);
+    };
+    let (r, recorded) = recorded_reader(&backend);
     let w = writer(&backend, fast_config());
-    let truth: HashMap<u32, IpcacheEntry> = (0..2000).map(|i| (i, entry(i, 300))).collect();
-    for e in truth.values() {
-        w.upsert(e);
-    }
-    w.synced();
-    idle(&w, LONG).await;
+    let truth = records(2000);
+    export(&w, &truth, LONG).await;
     let want = expected(&truth);
     converged(&r, &want, LONG).await;
 
@@ -176,13 +155,10 @@ async fn etcd_restarted_empty_writer_recreates_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_writer_lease_expires_and_reader_reports_deletes() {
-    if !testkit::require_binary("etcd") {
+    let Some((_etcd, backend)) = etcd().await else {
         return;
-    }
-    let etcd = EtcdServer::start().await;
-    let backend = backend(&etcd.endpoint()).await;
-    let (r, events) = reader::<IpcacheEntry>(&backend);
-    let recorded = record(events);
+    };
+    let (r, recorded) = recorded_reader(&backend);
     let w = writer(
         &backend,
         SyncStoreConfig {
@@ -190,12 +166,8 @@ async fn dead_writer_lease_expires_and_reader_reports_deletes() {
             ..fast_config()
         },
     );
-    let truth: HashMap<u32, IpcacheEntry> = (0..300).map(|i| (i, entry(i, 300))).collect();
-    for e in truth.values() {
-        w.upsert(e);
-    }
-    w.synced();
-    idle(&w, LONG).await;
+    let truth = records(300);
+    export(&w, &truth, LONG).await;
     converged(&r, &expected(&truth), LONG).await;
 
     w.stop(); // the process dies: nobody renews the lease
@@ -210,22 +182,15 @@ async fn dead_writer_lease_expires_and_reader_reports_deletes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reader_away_during_compaction_lists_again_and_converges() {
-    if !testkit::require_binary("etcd") {
+    let Some((etcd, backend)) = etcd().await else {
         return;
-    }
-    let etcd = EtcdServer::start().await;
-    let backend = backend(&etcd.endpoint()).await;
+    };
     let proxy = TcpProxy::start(etcd.client_addr()).await;
     let away = common::backend(&proxy.http_endpoint()).await;
-    let (r, events) = reader::<IpcacheEntry>(&away);
-    let recorded = record(events);
+    let (r, recorded) = recorded_reader(&away);
     let w = writer(&backend, fast_config());
-    let mut truth: HashMap<u32, IpcacheEntry> = (0..1000).map(|i| (i, entry(i, 300))).collect();
-    for e in truth.values() {
-        w.upsert(e);
-    }
-    w.synced();
-    idle(&w, LONG).await;
+    let mut truth = records(1000);
+    export(&w, &truth, LONG).await;
     converged(&r, &expected(&truth), LONG).await;
     let before = backend.list("cilium/").await.unwrap().revision;
 
@@ -276,30 +241,19 @@ async fn compact(endpoint: &str, revision: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_writer_adopts_without_flapping() {
-    if !testkit::require_binary("etcd") {
+    let Some((_etcd, backend)) = etcd().await else {
         return;
-    }
-    let etcd = EtcdServer::start().await;
-    let backend = backend(&etcd.endpoint()).await;
-    let (r, events) = reader::<IpcacheEntry>(&backend);
-    let recorded = record(events);
-    let truth: HashMap<u32, IpcacheEntry> = (0..500).map(|i| (i, entry(i, 300))).collect();
+    };
+    let (r, recorded) = recorded_reader(&backend);
+    let truth = records(500);
     let first = writer(&backend, fast_config());
-    for e in truth.values() {
-        first.upsert(e);
-    }
-    first.synced();
-    idle(&first, LONG).await;
+    export(&first, &truth, LONG).await;
     converged(&r, &expected(&truth), LONG).await;
     let rev = backend.list("cilium/").await.unwrap().revision;
     first.stop();
 
     let second = writer(&backend, fast_config());
-    for e in truth.values() {
-        second.upsert(e);
-    }
-    second.synced();
-    idle(&second, LONG).await;
+    export(&second, &truth, LONG).await;
     assert_eq!(
         second.stats().puts.load(Ordering::Relaxed),
         0,
@@ -316,11 +270,9 @@ async fn restarted_writer_adopts_without_flapping() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_is_written_periodically() {
-    if !testkit::require_binary("etcd") {
+    let Some((_etcd, backend)) = etcd().await else {
         return;
-    }
-    let etcd = EtcdServer::start().await;
-    let backend = backend(&etcd.endpoint()).await;
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let hb_backend = backend.clone();
     let task = tokio::spawn(async move {
@@ -361,11 +313,9 @@ async fn heartbeat_is_written_periodically() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_config_round_trip() {
-    if !testkit::require_binary("etcd") {
+    let Some((_etcd, backend)) = etcd().await else {
         return;
-    }
-    let etcd = EtcdServer::start().await;
-    let backend = backend(&etcd.endpoint()).await;
+    };
     let err = kvstore::read_cluster_config(&backend, &cluster())
         .await
         .unwrap_err();

@@ -16,11 +16,9 @@ const LONG: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_records_are_rejected_and_counted_good_ones_delivered() {
-    if !testkit::require_binary("etcd") {
+    let Some((_etcd, backend)) = etcd().await else {
         return;
-    }
-    let etcd = EtcdServer::start().await;
-    let backend = backend(&etcd.endpoint()).await;
+    };
     let foreign = ClusterId::new(CLUSTER_ID + 1, MAX).unwrap();
 
     let mut good = BTreeMap::new();
@@ -149,14 +147,9 @@ fn write_config(dir: &std::path::Path, name: &str, text: &str) -> std::path::Pat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_client_certificate_admits_and_its_absence_refuses() {
-    if !testkit::require_binary("etcd") {
+    let Some(etcd) = EtcdServer::start_or_skip(EtcdOptions::tls()).await else {
         return;
-    }
-    let etcd = EtcdServer::start_with(EtcdOptions {
-        tls: true,
-        ..EtcdOptions::default()
-    })
-    .await;
+    };
     let pki = etcd.pki().unwrap().clone();
     let dir = etcd.dir();
     let rel = |p: &std::path::Path| p.file_name().unwrap().to_str().unwrap().to_owned();

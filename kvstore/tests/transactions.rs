@@ -11,22 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use kvstore::{
-    Backend, BackendError, Compare, EtcdBackend, MemoryBackend, Txn, TxnOp, WatchEvent, MAX_TXN_OPS,
-};
-use testkit::EtcdServer;
+use kvstore::{Backend, BackendError, Compare, MemoryBackend, Txn, TxnOp, WatchEvent, MAX_TXN_OPS};
 use tokio::sync::Barrier;
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-async fn etcd() -> Option<(EtcdServer, EtcdBackend)> {
-    if !testkit::require_binary("etcd") {
-        return None;
-    }
-    let server = EtcdServer::start().await;
-    let backend = common::backend(&server.endpoint()).await;
-    Some((server, backend))
-}
 
 async fn revision_of(b: &dyn Backend, key: &str) -> i64 {
     b.get(key).await.unwrap().map_or(0, |kv| kv.mod_revision)
@@ -316,7 +304,7 @@ async fn contended_counter(a: Arc<dyn Backend>, b: Arc<dyn Backend>, each: usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_key_ops_on_etcd() {
-    let Some((_etcd, b)) = etcd().await else {
+    let Some((_etcd, b)) = common::etcd().await else {
         return;
     };
     single_key_ops(&b).await;
@@ -324,7 +312,7 @@ async fn single_key_ops_on_etcd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_key_txn_on_etcd() {
-    let Some((_etcd, b)) = etcd().await else {
+    let Some((_etcd, b)) = common::etcd().await else {
         return;
     };
     multi_key_txn(&b).await;
@@ -332,7 +320,7 @@ async fn multi_key_txn_on_etcd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_etcd_clients_race_and_exactly_one_wins() {
-    let Some((etcd, a)) = etcd().await else {
+    let Some((etcd, a)) = common::etcd().await else {
         return;
     };
     // A second, separately connected client: its own gRPC channel.

@@ -44,6 +44,16 @@ impl Default for EtcdOptions {
     }
 }
 
+impl EtcdOptions {
+    /// The default options, with TLS and client certificates.
+    pub fn tls() -> Self {
+        Self {
+            tls: true,
+            ..Self::default()
+        }
+    }
+}
+
 /// A running (or deliberately killed) single-member etcd. See the module docs.
 #[derive(Debug)]
 pub struct EtcdServer {
@@ -68,6 +78,30 @@ impl EtcdServer {
     /// [`require_binary("etcd")`](crate::require_binary) first.
     pub async fn start() -> Self {
         Self::start_with(EtcdOptions::default()).await
+    }
+
+    /// Starts an etcd with `options` when the `etcd` binary is on `PATH`;
+    /// otherwise prints a skip message and returns `None` (or panics under
+    /// `MESH_TEST_STRICT=1`), as [`require_binary`](crate::require_binary).
+    ///
+    /// ```no_run
+    /// # async fn demo() {
+    /// let Some(etcd) = testkit::EtcdServer::start_or_skip(testkit::EtcdOptions::tls()).await
+    /// else {
+    ///     return;
+    /// };
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// As [`EtcdServer::start`].
+    pub async fn start_or_skip(options: EtcdOptions) -> Option<Self> {
+        if crate::require_binary("etcd") {
+            Some(Self::start_with(options).await)
+        } else {
+            None
+        }
     }
 
     /// Starts an etcd with `options`.

@@ -12,10 +12,9 @@ fn accepts(endpoint: &str) -> bool {
 
 #[tokio::test]
 async fn kill_restart_and_restart_empty() {
-    if !testkit::require_binary("etcd") {
+    let Some(mut etcd) = EtcdServer::start_or_skip(EtcdOptions::default()).await else {
         return;
-    }
-    let mut etcd = EtcdServer::start().await;
+    };
     let endpoint = etcd.endpoint();
     assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint}");
     assert!(accepts(&endpoint), "etcd accepts connections once ready");
@@ -48,14 +47,9 @@ async fn kill_restart_and_restart_empty() {
 
 #[tokio::test]
 async fn tls_server_writes_certificates() {
-    if !testkit::require_binary("etcd") {
+    let Some(etcd) = EtcdServer::start_or_skip(EtcdOptions::tls()).await else {
         return;
-    }
-    let etcd = EtcdServer::start_with(EtcdOptions {
-        tls: true,
-        ..EtcdOptions::default()
-    })
-    .await;
+    };
     assert!(etcd.endpoint().starts_with("https://127.0.0.1:"));
     let pki = etcd.pki().expect("TLS server has a PKI");
     for path in [

@@ -16,6 +16,7 @@ use kvstore::{
     EtcdBackend, EtcdConfig, Event, Events, ListWatch, SyncStore, SyncStoreConfig, TlsPaths,
     WatchStore, WatchStoreConfig,
 };
+use testkit::{EtcdOptions, EtcdServer};
 
 pub const MAX: MaxConnectedClusters = MaxConnectedClusters::Max255;
 pub const CLUSTER_ID: u16 = 3;
@@ -54,6 +55,14 @@ pub async fn backend(endpoint: &str) -> EtcdBackend {
     kvstore::connect(&config)
         .await
         .expect("connect to the test etcd")
+}
+
+/// A plain-text etcd and a client of it, or `None` (after the skip message)
+/// when the `etcd` binary is missing.
+pub async fn etcd() -> Option<(EtcdServer, EtcdBackend)> {
+    let server = EtcdServer::start_or_skip(EtcdOptions::default()).await?;
+    let backend = backend(&server.endpoint()).await;
+    Some((server, backend))
 }
 
 pub fn writer(backend: &EtcdBackend, config: SyncStoreConfig) -> SyncStore<IpcacheEntry> {
@@ -95,6 +104,31 @@ pub fn record<R: Resource>(mut events: Events<R>) -> Arc<Mutex<Recorded>> {
         }
     });
     recorded
+}
+
+/// A reader of ipcache records and the recorder of its events.
+pub fn recorded_reader(backend: &EtcdBackend) -> (WatchStore<IpcacheEntry>, Arc<Mutex<Recorded>>) {
+    let (r, events) = reader::<IpcacheEntry>(backend);
+    (r, record(events))
+}
+
+/// Records `0..n`, all with local identity 300, by index.
+pub fn records(n: u32) -> HashMap<u32, IpcacheEntry> {
+    (0..n).map(|i| (i, entry(i, 300))).collect()
+}
+
+/// The initial export of `truth` through `w`: every record, then the synced
+/// mark, then waits (at most `deadline`) until the writer has written it all.
+pub async fn export(
+    w: &SyncStore<IpcacheEntry>,
+    truth: &HashMap<u32, IpcacheEntry>,
+    deadline: Duration,
+) {
+    for e in truth.values() {
+        w.upsert(e);
+    }
+    w.synced();
+    idle(w, deadline).await;
 }
 
 pub fn expected(entries: &HashMap<u32, IpcacheEntry>) -> BTreeMap<String, IpcacheEntry> {
