@@ -106,6 +106,8 @@ pub struct AgentStatus {
     pub local_endpoints: u64,
     /// Reconciler counters.
     pub reconcile: ReconcileSummary,
+    /// Services the agent programmed.
+    pub services: crate::service::ServicesSummary,
 }
 
 /// The agent's reconciler counters that status shows.
