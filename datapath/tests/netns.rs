@@ -1,14 +1,16 @@
 //! Real packets through the attached programs: two node namespaces joined by
 //! a veth underlay, VXLAN in external mode, two pods per node. ICMP, TCP and
 //! UDP between pods on one node and across nodes, both directions, IPv4 and
-//! IPv6; the VNI on the underlay; a loader restart under a TCP stream.
+//! IPv6; the VNI on the underlay; a loader process SIGKILLed and replaced
+//! under a TCP stream.
 //! Needs root. Namespaces are named `mdp-nt-<pid>-*` and removed on drop.
 
 mod common;
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -23,8 +25,12 @@ use nix::sys::socket::{
     SockaddrIn,
 };
 
-/// One node's ipcache and endpoints, sorted.
-type NodeMaps = (Vec<(ipnet::IpNet, IpcacheEntry)>, Vec<(IpAddr, Endpoint)>);
+/// One node's ipcache, endpoints and link pin names, sorted.
+type NodeMaps = (
+    Vec<(ipnet::IpNet, IpcacheEntry)>,
+    Vec<(IpAddr, Endpoint)>,
+    Vec<String>,
+);
 
 fn topology(tag: &str) -> Option<Topology> {
     if !common::require_root() {
@@ -108,32 +114,163 @@ fn vni_on_the_underlay_is_the_source_identity() {
     );
 }
 
-/// A TCP stream flows from pod 1.1 to pod 2.1 while both nodes' loaders are
-/// dropped (all their fds closed, as at process exit) and loaded again: the
-/// pinned links keep forwarding, the new programs replace the old ones in
-/// place, the stream is not interrupted and the maps are unchanged.
+/// Runs the loader process of [`loader_restart_under_sigkill`]: this very
+/// test binary, re-executed to run only [`loader_child`].
+const LOADER_CHILD_ENV: &str = "MDP_LOADER_CHILD";
+/// How long a loader process waits for its load and attach.
+const LOADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A loader process: loads the datapath of every node, attaches it, says
+/// `loader-child ready` and holds its fds until it is killed.
+struct Loader {
+    child: Child,
+    /// The outcomes it printed, one line per node.
+    attached: Vec<String>,
+}
+
+impl Loader {
+    fn start(topo: &Topology) -> Self {
+        let specs: Vec<serde_json::Value> = topo
+            .loader_specs()
+            .into_iter()
+            .map(|s| {
+                serde_json::json!({
+                    "bpffs": s.bpffs,
+                    "netns": s.netns,
+                    "pod_ifs": s.pod_ifs,
+                })
+            })
+            .collect();
+        let mut child = Command::new(std::env::current_exe().expect("test binary path"))
+            .args(["--exact", "loader_child", "--ignored", "--nocapture"])
+            .env(LOADER_CHILD_ENV, serde_json::Value::from(specs).to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the loader process");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut loader = Self {
+            child,
+            attached: Vec::new(),
+        };
+        let deadline = Instant::now() + LOADER_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(e) => panic!(
+                    "loader process not ready within {LOADER_TIMEOUT:?} ({e}; exit status {:?})",
+                    loader.child.try_wait()
+                ),
+            };
+            if line == "loader-child ready" {
+                return loader;
+            }
+            if let Some(outcomes) = line.strip_prefix("loader-child attached ") {
+                loader.attached.push(outcomes.to_owned());
+            }
+        }
+    }
+
+    /// SIGKILL: no destructor runs, the kernel closes every fd.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Not a test of its own (ignored, so `cargo test` never runs it): the
+/// body of the loader process that [`loader_restart_under_sigkill`] starts.
+/// Loads and attaches the nodes named in `MDP_LOADER_CHILD`, reports, and
+/// holds every handle (programs, maps) as an agent does, until SIGKILL.
 #[test]
-fn loader_restart_does_not_interrupt_a_tcp_stream() {
-    let Some(mut topo) = topology("r") else {
+#[ignore = "the loader process of loader_restart_under_sigkill, started by it"]
+fn loader_child() {
+    let spec = std::env::var(LOADER_CHILD_ENV)
+        .expect("loader_child runs only as loader_restart_under_sigkill's child process");
+    // Never outlive the test that started us.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).expect("PR_SET_PDEATHSIG");
+    let nodes: serde_json::Value = serde_json::from_str(&spec).expect("loader spec is JSON");
+    let mut held = Vec::new();
+    for node in nodes.as_array().expect("a list of nodes") {
+        let field = |k: &str| node[k].as_str().expect("string field").to_owned();
+        let spec = common::LoaderSpec {
+            bpffs: field("bpffs").into(),
+            netns: field("netns").into(),
+            pod_ifs: node["pod_ifs"]
+                .as_array()
+                .expect("pod_ifs")
+                .iter()
+                .map(|p| p.as_str().expect("ifname").to_owned())
+                .collect(),
+        };
+        let (dp, outcomes) = common::load_and_attach(&spec);
+        println!("loader-child attached {outcomes:?}");
+        held.push(dp);
+    }
+    println!("loader-child ready");
+    std::io::stdout().flush().expect("flush stdout");
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+/// The pinned state a restart must keep: each node's ipcache, endpoints
+/// and link pin names, sorted.
+fn pinned_state(topo: &Topology) -> Vec<NodeMaps> {
+    topo.nodes
+        .iter()
+        .map(|n| {
+            let ipc = datapath::Ipcache::open(n.bpffs.path()).unwrap();
+            let eps = datapath::Endpoints::open(n.bpffs.path()).unwrap();
+            let mut a: Vec<_> = ipc.iter().collect::<Result<_, _>>().unwrap();
+            let mut b: Vec<_> = eps.iter().collect::<Result<_, _>>().unwrap();
+            let mut links: Vec<String> = std::fs::read_dir(n.bpffs.path().join("links"))
+                .expect("links pinned")
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            a.sort_by_key(|(k, _)| k.to_string());
+            b.sort_by_key(|(k, _)| k.to_string());
+            links.sort();
+            (a, b, links)
+        })
+        .collect()
+}
+
+/// A separate loader process loads, pins and attaches both nodes' datapaths
+/// (this process only fills the maps through the pins). While a TCP stream
+/// flows from pod 1.1 to pod 2.1 it is SIGKILLed; the stream runs on with no
+/// loader at all for a moment; then a new loader process adopts the pins
+/// and swaps its programs into the pinned links. The stream is not
+/// interrupted and the maps and pins are unchanged.
+#[test]
+fn loader_restart_under_sigkill() {
+    if !common::require_root() {
         return;
-    };
+    }
+    let topo = Topology::network(&format!("{}r-", common::prefix("nt")));
+    let mut first = Loader::start(&topo);
+    let created = format!("{:?}", [AttachOutcome::Created; 3]);
+    assert_eq!(
+        first.attached,
+        [created.as_str(); 2],
+        "first loader creates"
+    );
+    topo.fill_maps();
     let pods = topo.all_pods();
     let (p11, p21) = (pods[0].clone(), pods[2].clone());
-    let snapshot = |topo: &Topology| -> Vec<NodeMaps> {
-        topo.nodes
-            .iter()
-            .map(|n| {
-                let ipc = datapath::Ipcache::open(n.bpffs.path()).unwrap();
-                let eps = datapath::Endpoints::open(n.bpffs.path()).unwrap();
-                let mut a: Vec<_> = ipc.iter().collect::<Result<_, _>>().unwrap();
-                let mut b: Vec<_> = eps.iter().collect::<Result<_, _>>().unwrap();
-                a.sort_by_key(|(k, _)| k.to_string());
-                b.sort_by_key(|(k, _)| k.to_string());
-                (a, b)
-            })
-            .collect()
-    };
-    let before = snapshot(&topo);
+    let before = pinned_state(&topo);
 
     let dst = p21.v4;
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -174,7 +311,7 @@ fn loader_restart_does_not_interrupt_a_tcp_stream() {
             let chunk = vec![0x5au8; 16 * 1024];
             let mut sent = 0u64;
             let mut stop_at: Option<Instant> = None;
-            let deadline = Instant::now() + Duration::from_secs(20);
+            let deadline = Instant::now() + LOADER_TIMEOUT + Duration::from_secs(10);
             loop {
                 conn.write_all(&chunk)
                     .map_err(|e| format!("stream write after {sent} bytes: {e}"))?;
@@ -192,20 +329,16 @@ fn loader_restart_does_not_interrupt_a_tcp_stream() {
     });
 
     std::thread::sleep(Duration::from_millis(500));
-    // The restart: every fd of the old loaders closed, then a new load.
-    for node in &mut topo.nodes {
-        node.dp = None;
-    }
-    for node in &mut topo.nodes {
-        node.dp = Some(
-            datapath::Datapath::load_or_adopt(node.bpffs.path()).expect("adopt after restart"),
-        );
-    }
-    let outcomes = topo.attach_all();
+    first.kill();
+    // No loader process at all: the pinned links keep forwarding.
+    std::thread::sleep(Duration::from_millis(300));
+    let second = Loader::start(&topo);
     restarted_tx.send(()).unwrap();
-    assert!(
-        outcomes.iter().all(|o| *o == AttachOutcome::Replaced),
-        "re-attach replaces pinned links: {outcomes:?}"
+    let replaced = format!("{:?}", [AttachOutcome::Replaced; 3]);
+    assert_eq!(
+        second.attached,
+        [replaced.as_str(); 2],
+        "the new loader swaps its programs into the pinned links"
     );
 
     let sent = client
@@ -223,8 +356,8 @@ fn loader_restart_does_not_interrupt_a_tcp_stream() {
         max_gap < Duration::from_millis(500),
         "stream stalled for {max_gap:?} (a retransmission timeout)"
     );
-    assert_eq!(snapshot(&topo), before, "maps unchanged by the restart");
-    eprintln!("restart under load: {sent} bytes, longest pause between reads {max_gap:?}");
+    assert_eq!(pinned_state(&topo), before, "maps and pins unchanged");
+    eprintln!("SIGKILL and restart under load: {sent} bytes, longest pause {max_gap:?}");
 }
 
 /// A line server on port 8080 in `pod`'s namespace: answers every line with

@@ -157,9 +157,8 @@ pub struct Pod {
     pub identity: u32,
 }
 
-/// A node of the topology: its namespace, bpffs and loaded datapath.
+/// A node of the topology: its namespace and bpffs.
 pub struct Node {
-    pub dp: Option<Datapath>,
     pub ns: Netns,
     pub bpffs: Bpffs,
     pub underlay: IpAddr,
@@ -167,22 +166,30 @@ pub struct Node {
 }
 
 /// Two node namespaces joined by a veth underlay (192.168.77.1/.2), each with
-/// a VXLAN device `mvx0` in external mode and two pods (MTU 1450), with the
-/// datapath loaded, attached and its maps filled. Fields drop in reverse
-/// order of creation: pods, nodes (namespaces), then bpffs.
+/// a VXLAN device `mvx0` in external mode and two pods (MTU 1450). Fields
+/// drop in reverse order of creation: pods, nodes (namespaces), then bpffs.
 pub struct Topology {
     pub pod_ns: Vec<Netns>,
     pub nodes: Vec<Node>,
 }
 
 impl Topology {
+    /// The topology with the datapath loaded and attached by this process
+    /// and its maps filled.
     pub fn build(prefix: &str) -> Self {
+        let topo = Self::network(prefix);
+        topo.attach_all();
+        topo.fill_maps();
+        topo
+    }
+
+    /// Namespaces, devices and pods only: no datapath loaded yet.
+    pub fn network(prefix: &str) -> Self {
         let mut nodes = Vec::new();
         let mut pod_ns = Vec::new();
         for n in 1..=2u8 {
             let ns_node = Netns::new(format!("{prefix}n{n}"));
             nodes.push(Node {
-                dp: None,
                 ns: ns_node,
                 bpffs: Bpffs::new(),
                 underlay: format!("192.168.77.{n}").parse().unwrap(),
@@ -207,8 +214,6 @@ impl Topology {
         }
         for (i, node) in nodes.iter_mut().enumerate() {
             let n = i + 1;
-            let dp = Datapath::load_or_adopt(node.bpffs.path()).expect("load datapath");
-            node.dp = Some(dp);
             for p in 1..=2usize {
                 let pod_name = format!("{prefix}p{n}{p}");
                 let pod = Netns::new(pod_name.clone());
@@ -227,42 +232,36 @@ impl Topology {
                 pod_ns.push(pod);
             }
         }
-        let topo = Self { pod_ns, nodes };
-        topo.attach_all();
-        topo.fill_maps();
-        topo
+        Self { pod_ns, nodes }
     }
 
-    pub fn node_dp(&mut self, i: usize) -> &mut Datapath {
-        self.nodes[i].dp.as_mut().expect("datapath loaded")
-    }
-
-    /// Attaches every program in each node's namespace.
-    pub fn attach_all(&self) -> Vec<datapath::AttachOutcome> {
-        let mut outcomes = Vec::new();
-        for node in &self.nodes {
-            let path = node.ns.path();
-            let dir = node.bpffs.path().to_owned();
-            let pods: Vec<String> = node.pods.iter().map(|p| p.host_if.clone()).collect();
-            let mut o = netns::run_in(&path, move || {
-                let mut dp = Datapath::load_or_adopt(&dir).expect("adopt in node namespace");
-                let mut o = vec![dp.attach_from_overlay("mvx0").expect("attach overlay")];
-                for host_if in &pods {
-                    o.push(dp.attach_from_pod(host_if).expect("attach pod"));
-                }
-                o
+    /// What a loader needs for each node: see [`load_and_attach`].
+    pub fn loader_specs(&self) -> Vec<LoaderSpec> {
+        self.nodes
+            .iter()
+            .map(|node| LoaderSpec {
+                bpffs: node.bpffs.path().to_owned(),
+                netns: node.ns.path(),
+                pod_ifs: node.pods.iter().map(|p| p.host_if.clone()).collect(),
             })
-            .expect("enter node namespace");
-            outcomes.append(&mut o);
-        }
-        outcomes
+            .collect()
     }
 
-    fn fill_maps(&self) {
-        for (i, node) in self.nodes.iter().enumerate() {
-            let dp = node.dp.as_ref().unwrap();
-            let mut eps = dp.endpoints().unwrap();
-            let mut ipc = dp.ipcache().unwrap();
+    /// Loads (or adopts) and attaches every node's datapath from this
+    /// process, dropping the handles afterwards (the pins keep it all).
+    pub fn attach_all(&self) -> Vec<datapath::AttachOutcome> {
+        self.loader_specs()
+            .iter()
+            .flat_map(|spec| load_and_attach(spec).1)
+            .collect()
+    }
+
+    /// Registers every pod in its node's endpoints and every pod of every
+    /// node in each ipcache, through the pins (whoever loaded the datapath).
+    pub fn fill_maps(&self) {
+        for node in &self.nodes {
+            let mut eps = datapath::Endpoints::open(node.bpffs.path()).unwrap();
+            let mut ipc = datapath::Ipcache::open(node.bpffs.path()).unwrap();
             for pod in &node.pods {
                 let ep = Endpoint {
                     ifindex: ifindex_of(&node.ns.name, &pod.host_if),
@@ -290,13 +289,40 @@ impl Topology {
                     }
                 }
             }
-            let _ = i;
         }
     }
 
     pub fn all_pods(&self) -> Vec<Pod> {
         self.nodes.iter().flat_map(|n| n.pods.clone()).collect()
     }
+}
+
+/// One node as a loader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoaderSpec {
+    /// The node's bpffs directory (pins).
+    pub bpffs: PathBuf,
+    /// The node's network namespace.
+    pub netns: PathBuf,
+    /// Host sides of the pods' veths.
+    pub pod_ifs: Vec<String>,
+}
+
+/// Loads the datapath under `spec.bpffs` (adopting what is pinned there) and
+/// attaches it inside the node's namespace: `from_overlay` on `mvx0`, then
+/// `from_pod` on every pod veth. Returns the handle and each attach's outcome.
+pub fn load_and_attach(spec: &LoaderSpec) -> (Datapath, Vec<datapath::AttachOutcome>) {
+    let dir = spec.bpffs.clone();
+    let pods = spec.pod_ifs.clone();
+    netns::run_in(&spec.netns, move || {
+        let mut dp = Datapath::load_or_adopt(&dir).expect("load the datapath");
+        let mut outcomes = vec![dp.attach_from_overlay("mvx0").expect("attach overlay")];
+        for host_if in &pods {
+            outcomes.push(dp.attach_from_pod(host_if).expect("attach pod"));
+        }
+        (dp, outcomes)
+    })
+    .expect("enter node namespace")
 }
 
 /// A veth pair `host_if` (node) / `eth0` (pod), MTU 1450, with the pod's
