@@ -272,25 +272,31 @@ const CANARY_LAYOUT: &str = "cilium/synced/<cluster>/<base prefix>";
 /// returns the rest and whether it was the cache form.
 fn strip_base<'k>(key: &'k str, base: &str) -> Result<(&'k str, bool), KeyError> {
     let state = format!("{base}/");
+    let Some(cache) = cache_base_prefix(base) else {
+        return strip_exact(key, &state).map(|rest| (rest, false));
+    };
     if let Some(rest) = key.strip_prefix(state.as_str()) {
         return Ok((rest, false));
     }
-    if let Some(cache) = cache_base_prefix(base) {
-        if let Some(rest) = key
-            .strip_prefix(cache.as_str())
-            .and_then(|r| r.strip_prefix('/'))
-        {
-            return Ok((rest, true));
-        }
-        return Err(KeyError::WrongPrefix {
-            key: clip(key),
-            expected: format!("{state:?} or \"{cache}/\""),
-        });
+    if let Some(rest) = key
+        .strip_prefix(cache.as_str())
+        .and_then(|r| r.strip_prefix('/'))
+    {
+        return Ok((rest, true));
     }
     Err(KeyError::WrongPrefix {
         key: clip(key),
-        expected: format!("{state:?}"),
+        expected: format!("{state:?} or \"{cache}/\""),
     })
+}
+
+/// `key` without `prefix`, or [`KeyError::WrongPrefix`] naming `prefix`.
+fn strip_exact<'k>(key: &'k str, prefix: &str) -> Result<&'k str, KeyError> {
+    key.strip_prefix(prefix)
+        .ok_or_else(|| KeyError::WrongPrefix {
+            key: clip(key),
+            expected: format!("{prefix:?}"),
+        })
 }
 
 /// Splits `rest` into exactly `N` non-empty '/'-separated segments.
@@ -458,12 +464,7 @@ pub fn parse_service_export_key(key: &str) -> Result<NamespacedKey, KeyError> {
 ///
 /// A [`KeyError`] for another prefix, extra segments or an invalid name.
 pub fn parse_cluster_config_key(key: &str) -> Result<ClusterName, KeyError> {
-    let rest = key
-        .strip_prefix(CLUSTER_CONFIG_PREFIX)
-        .ok_or_else(|| KeyError::WrongPrefix {
-            key: clip(key),
-            expected: format!("{CLUSTER_CONFIG_PREFIX:?}"),
-        })?;
+    let rest = strip_exact(key, CLUSTER_CONFIG_PREFIX)?;
     let [cluster] = segments(key, rest, CLUSTER_CONFIG_LAYOUT)?;
     cluster_segment(key, cluster)
 }
@@ -476,12 +477,7 @@ pub fn parse_cluster_config_key(key: &str) -> Result<ClusterName, KeyError> {
 /// A [`KeyError`] for another prefix, a missing base prefix or an invalid
 /// cluster name.
 pub fn parse_sync_canary_key(key: &str) -> Result<(ClusterName, &str), KeyError> {
-    let rest = key
-        .strip_prefix(SYNCED_PREFIX)
-        .ok_or_else(|| KeyError::WrongPrefix {
-            key: clip(key),
-            expected: format!("{SYNCED_PREFIX:?}"),
-        })?;
+    let rest = strip_exact(key, SYNCED_PREFIX)?;
     match rest.split_once('/') {
         Some((cluster, base)) if !base.is_empty() && !base.ends_with('/') => {
             Ok((cluster_segment(key, cluster)?, base))

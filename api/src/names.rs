@@ -16,22 +16,14 @@ pub const MAX_DNS_SUBDOMAIN_LEN: usize = 253;
 ///
 /// A short description of the rule `s` breaks.
 pub fn validate_dns_label(s: &str) -> Result<(), &'static str> {
-    if s.is_empty() {
-        return Err("must not be empty");
-    }
-    if s.len() > MAX_DNS_LABEL_LEN {
-        return Err("must be at most 63 characters");
-    }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err("must consist of lowercase letters, digits and '-'");
-    }
-    if s.starts_with('-') || s.ends_with('-') {
-        return Err("must start and end with a lowercase letter or digit");
-    }
-    Ok(())
+    let lower_alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    validate_short_name(
+        s,
+        |b| lower_alnum(b) || b == b'-',
+        "must consist of lowercase letters, digits and '-'",
+        lower_alnum,
+        "must start and end with a lowercase letter or digit",
+    )
 }
 
 /// Checks `s` is an RFC 1123 subdomain: dot-separated RFC 1123 labels, at
@@ -63,21 +55,36 @@ pub fn validate_dns_subdomain(s: &str) -> Result<(), &'static str> {
 ///
 /// A short description of the rule `s` breaks.
 pub fn validate_qualified_name_part(s: &str) -> Result<(), &'static str> {
+    validate_short_name(
+        s,
+        |b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'),
+        "must consist of letters, digits, '-', '_' and '.'",
+        |b| b.is_ascii_alphanumeric(),
+        "must start and end with a letter or digit",
+    )
+}
+
+/// The rules DNS labels and qualified-name parts share, checked and reported
+/// in this order: not empty, at most 63 characters, every byte `allowed`
+/// (else `bad_char`), first and last byte `edge` (else `bad_edge`).
+fn validate_short_name(
+    s: &str,
+    allowed: impl Fn(u8) -> bool,
+    bad_char: &'static str,
+    edge: impl Fn(u8) -> bool,
+    bad_edge: &'static str,
+) -> Result<(), &'static str> {
     if s.is_empty() {
         return Err("must not be empty");
     }
     if s.len() > MAX_DNS_LABEL_LEN {
         return Err("must be at most 63 characters");
     }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err("must consist of letters, digits, '-', '_' and '.'");
+    if !s.bytes().all(allowed) {
+        return Err(bad_char);
     }
-    let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
-    if !alnum(s.bytes().next()) || !alnum(s.bytes().last()) {
-        return Err("must start and end with a letter or digit");
+    if !s.bytes().next().is_some_and(&edge) || !s.bytes().last().is_some_and(&edge) {
+        return Err(bad_edge);
     }
     Ok(())
 }

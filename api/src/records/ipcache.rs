@@ -16,7 +16,7 @@ use crate::go::{
 };
 use crate::identity::NumericIdentity;
 use crate::keys;
-use crate::records::{at, expect_key_cluster, expect_same, L4Protocol};
+use crate::records::{at, each_element, expect_key_cluster, expect_same, L4Protocol};
 use crate::{clip, Resource};
 
 /// A named container port of the pod behind an ipcache entry.
@@ -125,21 +125,13 @@ impl TryFrom<Wire> for IpcacheEntry {
     type Error = FieldError;
 
     fn try_from(w: Wire) -> Result<Self, FieldError> {
-        let named_ports = w
-            .named_ports
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| {
-                Ok(NamedPort {
-                    protocol: L4Protocol::parse_field(
-                        format!("NamedPorts[{i}].Protocol"),
-                        &p.protocol,
-                    )?,
-                    name: p.name,
-                    port: p.port,
-                })
+        let named_ports = each_element("NamedPorts", w.named_ports, |at, p| {
+            Ok(NamedPort {
+                protocol: L4Protocol::parse_field(format!("{at}.Protocol"), &p.protocol)?,
+                name: p.name,
+                port: p.port,
             })
-            .collect::<Result<_, FieldError>>()?;
+        })?;
         Ok(Self {
             ip: parse_ip("IP", &w.ip)?,
             host_ip: parse_optional_ip("HostIP", &w.host_ip)?,

@@ -90,6 +90,20 @@ pub(crate) fn at(key: &str) -> impl FnOnce(FieldError) -> ValidationError + '_ {
     }
 }
 
+/// Converts each element of the wire list `list`, handing `convert` the
+/// element's own field path (`list[i]`) so that an error names the element.
+pub(crate) fn each_element<W, T>(
+    list: &str,
+    elements: Vec<W>,
+    mut convert: impl FnMut(&str, W) -> Result<T, FieldError>,
+) -> Result<Vec<T>, FieldError> {
+    elements
+        .into_iter()
+        .enumerate()
+        .map(|(i, element)| convert(&format!("{list}[{i}]"), element))
+        .collect()
+}
+
 /// Parses a cluster-name field.
 pub(crate) fn cluster_field(field: &'static str, value: String) -> Result<ClusterName, FieldError> {
     ClusterName::new(value).map_err(|source| FieldError::InvalidClusterName { field, source })

@@ -20,7 +20,8 @@ use crate::go::{
 };
 use crate::keys;
 use crate::records::{
-    at, cluster_field, cluster_id_field, expect_cluster, expect_cluster_id, expect_same,
+    at, cluster_field, cluster_id_field, each_element, expect_cluster, expect_cluster_id,
+    expect_same,
 };
 use crate::Resource;
 
@@ -224,30 +225,21 @@ fn primary_cidr(field: &str, c: Option<GoCidr>, v4: bool) -> Result<Option<IpNet
 }
 
 fn secondary_cidrs(field: &str, cs: Vec<GoCidr>, v4: bool) -> Result<Vec<IpNet>, FieldError> {
-    cs.into_iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let f = format!("{field}[{i}]");
-            c.to_ipnet(&f).and_then(|n| cidr_family(&f, n, v4))
-        })
-        .collect()
+    each_element(field, cs, |at, c| {
+        c.to_ipnet(at).and_then(|n| cidr_family(at, n, v4))
+    })
 }
 
 impl TryFrom<Wire> for Node {
     type Error = FieldError;
 
     fn try_from(w: Wire) -> Result<Self, FieldError> {
-        let ip_addresses = w
-            .ip_addresses
-            .into_iter()
-            .enumerate()
-            .map(|(i, a)| {
-                Ok(NodeAddress {
-                    ip: parse_ip(&format!("IPAddresses[{i}].IP"), &a.ip)?,
-                    kind: AddressType::from(a.kind.as_str()),
-                })
+        let ip_addresses = each_element("IPAddresses", w.ip_addresses, |at, a| {
+            Ok(NodeAddress {
+                ip: parse_ip(&format!("{at}.IP"), &a.ip)?,
+                kind: AddressType::from(a.kind.as_str()),
             })
-            .collect::<Result<_, FieldError>>()?;
+        })?;
         Ok(Self {
             name: w.name,
             cluster: cluster_field("Cluster", w.cluster)?,

@@ -11,7 +11,9 @@ use crate::cluster::{ClusterName, RemoteScope};
 use crate::error::{FieldError, ValidationError};
 use crate::go::{check_size, decode_json, encode_json, null_vec};
 use crate::keys;
-use crate::records::{at, cluster_field, expect_cluster, expect_namespaced, L4Protocol};
+use crate::records::{
+    at, cluster_field, each_element, expect_cluster, expect_namespaced, L4Protocol,
+};
 use crate::timestamp::Timestamp;
 use crate::{clip, Resource};
 
@@ -122,18 +124,13 @@ impl TryFrom<Wire> for ServiceExport {
                 })
             })
             .transpose()?;
-        let ports = w
-            .ports
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| {
-                Ok(ServiceExportPort {
-                    protocol: L4Protocol::parse_field(format!("ports[{i}].protocol"), &p.protocol)?,
-                    name: p.name,
-                    port: p.port,
-                })
+        let ports = each_element("ports", w.ports, |at, p| {
+            Ok(ServiceExportPort {
+                protocol: L4Protocol::parse_field(format!("{at}.protocol"), &p.protocol)?,
+                name: p.name,
+                port: p.port,
             })
-            .collect::<Result<_, FieldError>>()?;
+        })?;
         let service_type = match w.service_type.as_str() {
             "ClusterSetIP" => ServiceImportType::ClusterSetIp,
             "Headless" => ServiceImportType::Headless,
