@@ -468,6 +468,30 @@ async fn route_message(netlink: &Netlink, route: &Route) -> Result<RouteMessage,
     Ok(builder.build())
 }
 
+/// Deletes one of the tunnel layer's routes; one already gone is fine.
+async fn delete_route(netlink: &Netlink, route: &Route) -> Result<(), RouteError> {
+    let message = route_message(netlink, route).await?;
+    match netlink.handle().route().del(message).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(libc::ESRCH) => Ok(()),
+        Err(source) => Err(request_error("deleting route", &format!("{route:?}"), source).into()),
+    }
+}
+
+/// Adds one route; [`RouteError::Conflict`] if an equal route (not ours, as
+/// ours were listed) is in the way.
+async fn add_route(netlink: &Netlink, route: &Route) -> Result<(), RouteError> {
+    let message = route_message(netlink, route).await?;
+    match netlink.handle().route().add(message).execute().await {
+        Ok(()) => Ok(()),
+        Err(source) if errno(&source) == Some(libc::EEXIST) => Err(RouteError::Conflict {
+            route: route.clone(),
+            source,
+        }),
+        Err(source) => Err(request_error("adding route", &format!("{route:?}"), source).into()),
+    }
+}
+
 /// Makes the tunnel layer's routes equal to `desired`: removes tagged routes
 /// that are not desired, adds desired ones that are missing. Untagged routes
 /// are never removed; a desired route that collides with one is an error
@@ -483,50 +507,23 @@ pub async fn apply_routes(
     let installed = installed_routes(netlink).await?;
     let mut changes = Changes::default();
     let mut first_error = None;
-    for route in installed.difference(desired) {
-        let result = async {
-            let message = route_message(netlink, route).await?;
-            match netlink.handle().route().del(message).execute().await {
-                Ok(()) => Ok(()),
-                Err(e) if errno(&e) == Some(libc::ESRCH) => Ok(()),
-                Err(source) => Err(RouteError::from(request_error(
-                    "deleting route",
-                    &format!("{route:?}"),
-                    source,
-                ))),
-            }
-        }
-        .await;
-        match result {
-            Ok(()) => changes.removed.push(route.clone()),
+    // A failed change is kept (the first one) and the others still go ahead.
+    let mut note =
+        |result: Result<(), RouteError>, route: &Route, done: &mut Vec<Route>| match result {
+            Ok(()) => done.push(route.clone()),
             Err(e) => {
                 first_error.get_or_insert(e);
             }
-        }
+        };
+    for route in installed.difference(desired) {
+        note(
+            delete_route(netlink, route).await,
+            route,
+            &mut changes.removed,
+        );
     }
     for route in desired.difference(&installed) {
-        let result = async {
-            let message = route_message(netlink, route).await?;
-            match netlink.handle().route().add(message).execute().await {
-                Ok(()) => Ok(()),
-                Err(source) if errno(&source) == Some(libc::EEXIST) => Err(RouteError::Conflict {
-                    route: route.clone(),
-                    source,
-                }),
-                Err(source) => Err(RouteError::from(request_error(
-                    "adding route",
-                    &format!("{route:?}"),
-                    source,
-                ))),
-            }
-        }
-        .await;
-        match result {
-            Ok(()) => changes.added.push(route.clone()),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
+        note(add_route(netlink, route).await, route, &mut changes.added);
     }
     if !changes.added.is_empty() || !changes.removed.is_empty() {
         tracing::info!(
