@@ -16,7 +16,7 @@ use std::{
     path::Path,
 };
 
-use futures::TryStreamExt;
+use ipnet::IpNet;
 use rtnetlink::{
     packet_route::{neighbour::NeighbourState, route::RouteScope},
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
@@ -185,23 +185,12 @@ impl Netlink {
     ///
     /// [`NetlinkError::Request`].
     pub async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
-        use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-        let msgs: Vec<AddressMessage> = self
-            .handle()
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(request("list addresses", index))?;
-        Ok(msgs
+        let nets = self.conn.addresses_of(index).await?;
+        Ok(nets
             .iter()
-            .flat_map(|m| {
-                m.attributes.iter().filter_map(move |a| match a {
-                    AddressAttribute::Address(IpAddr::V4(ip)) => Some((*ip, m.header.prefix_len)),
-                    _ => None,
-                })
+            .filter_map(|net| match net {
+                IpNet::V4(v4) => Some((v4.addr(), v4.prefix_len())),
+                IpNet::V6(_) => None,
             })
             .collect())
     }

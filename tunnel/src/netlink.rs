@@ -311,8 +311,22 @@ impl Netlink {
     ///
     /// [`NetlinkError::NoSuchLink`] or [`NetlinkError::Request`].
     pub async fn addresses(&self, name: &str) -> Result<Vec<IpAddr>, NetlinkError> {
-        use rtnetlink::packet_route::address::AddressAttribute;
         let index = self.link_index(name).await?;
+        let nets = self.dump_addresses(index, name).await?;
+        Ok(nets.iter().map(IpNet::addr).collect())
+    }
+
+    /// The addresses, with their prefix lengths, configured on link `index`.
+    ///
+    /// # Errors
+    ///
+    /// [`NetlinkError::Request`] if the dump fails.
+    pub async fn addresses_of(&self, index: u32) -> Result<Vec<IpNet>, NetlinkError> {
+        self.dump_addresses(index, &format!("#{index}")).await
+    }
+
+    async fn dump_addresses(&self, index: u32, link: &str) -> Result<Vec<IpNet>, NetlinkError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
         let messages: Vec<_> = self
             .handle
             .address()
@@ -321,13 +335,14 @@ impl Netlink {
             .execute()
             .try_collect()
             .await
-            .map_err(|source| request_error("listing addresses of link", name, source))?;
+            .map_err(|source| request_error("listing addresses of link", link, source))?;
         Ok(messages
             .iter()
-            .flat_map(|m| m.attributes.iter())
-            .filter_map(|attr| match attr {
-                AddressAttribute::Address(ip) => Some(*ip),
-                _ => None,
+            .flat_map(|m| {
+                m.attributes.iter().filter_map(move |attr| match attr {
+                    AddressAttribute::Address(ip) => IpNet::new(*ip, m.header.prefix_len).ok(),
+                    _ => None,
+                })
             })
             .collect())
     }
