@@ -19,7 +19,7 @@ use std::{
 use ipnet::IpNet;
 use rtnetlink::{
     packet_route::{neighbour::NeighbourState, route::RouteScope},
-    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
 
 /// Errors of netlink operations: those of the tunnel layer's connection,
@@ -104,16 +104,8 @@ impl Netlink {
     /// [`NetlinkError::Request`].
     pub async fn move_to_netns(&self, index: u32, netns: &File) -> Result<(), NetlinkError> {
         use std::os::fd::AsRawFd;
-        self.handle()
-            .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .setns_by_fd(netns.as_raw_fd())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(request("move to netns", index))
+        let change = LinkUnspec::new_with_index(index).setns_by_fd(netns.as_raw_fd());
+        self.set_link(change, "move to netns").await
     }
 
     /// Renames link `index` to `name`, sets its MTU and brings it up.
@@ -127,27 +119,29 @@ impl Netlink {
         name: Option<&str>,
         mtu: u32,
     ) -> Result<(), NetlinkError> {
-        let mut msg = LinkUnspec::new_with_index(index).mtu(mtu);
         if let Some(name) = name {
             // A link is renamed while down, then brought up separately.
-            self.handle()
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(index)
-                        .name(name.to_owned())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(request("rename link", index))?;
+            let rename = LinkUnspec::new_with_index(index).name(name.to_owned());
+            self.set_link(rename, "rename link").await?;
         }
-        msg = msg.up();
+        let up = LinkUnspec::new_with_index(index).mtu(mtu).up();
+        self.set_link(up, "set link up").await
+    }
+
+    /// Applies one change to an existing link (`RTM_SETLINK`).
+    async fn set_link(
+        &self,
+        change: LinkMessageBuilder<LinkUnspec>,
+        op: &'static str,
+    ) -> Result<(), NetlinkError> {
+        let message = change.build();
+        let index = message.header.index;
         self.handle()
             .link()
-            .set(msg.build())
+            .set(message)
             .execute()
             .await
-            .map_err(request("set link up", index))
+            .map_err(request(op, index))
     }
 
     /// Deletes link `name`; `Ok(false)` if it did not exist.
