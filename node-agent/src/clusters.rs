@@ -37,15 +37,19 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::Duration,
 };
 
 use api::{ClusterName, ClusterService, IdentityRecord, IpcacheEntry, Node, RemoteScope, Resource};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::BoxFuture;
-use kvstore::{ListWatch, WatchStore, WatchStoreConfig};
+use kvstore::{Event, ListWatch, WatchStore, WatchStoreConfig};
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn, Instrument};
 
@@ -228,6 +232,84 @@ pub struct ClusterStores {
     pub identities: WatchStore<IdentityRecord>,
     /// Services.
     pub services: WatchStore<ClusterService>,
+    /// Endpoint and node changes the reconciler has not applied yet.
+    pub changes: Arc<Changes>,
+}
+
+/// What changed in one connection's stores, for the reconciler's
+/// incremental passes ([`crate::reconciler`]).
+///
+/// A change only *names* a record (an endpoint by IP, a node by name); the
+/// reconciler reads the record's current value from the store, which is
+/// updated before the event is sent. So a burst of changes to one record is
+/// applied as one, a change applied twice is harmless, and a full pass that
+/// reads the stores may simply drop what was queued before it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Change {
+    /// The endpoint (ipcache record) with this IP.
+    Endpoint(IpAddr),
+    /// The node with this name.
+    Node(String),
+}
+
+/// Changes of one connection, queued by the store forwarders and taken by
+/// the reconciler. Bounded: past [`Changes::MAX_PENDING`] the queue is
+/// dropped and a full pass requested instead, which reads the stores.
+#[derive(Debug, Default)]
+pub struct Changes(Mutex<Pending>);
+
+/// What [`Changes::take`] hands over.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Changed records, in arrival order (possibly repeated).
+    pub changes: Vec<Change>,
+    /// Apply by a full pass instead: a store synced (which changes which
+    /// connections count) or the queue overflowed.
+    pub full: bool,
+}
+
+impl Changes {
+    /// Queue length past which a full pass is requested instead.
+    pub const MAX_PENDING: usize = 65_536;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a change of one record.
+    pub fn push(&self, change: Change) {
+        let mut pending = self.lock();
+        if pending.full {
+            // The full pass to come reads the stores after this change.
+            return;
+        }
+        if pending.changes.len() >= Self::MAX_PENDING {
+            pending.changes = Vec::new();
+            pending.full = true;
+            return;
+        }
+        pending.changes.push(change);
+    }
+
+    /// Asks for a full pass (a store synced).
+    pub fn push_full(&self) {
+        let mut pending = self.lock();
+        pending.changes = Vec::new();
+        pending.full = true;
+    }
+
+    /// Takes everything queued.
+    pub fn take(&self) -> Pending {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Whether `f` holds for a queued change (without taking it).
+    pub fn any(&self, f: impl Fn(&Change) -> bool) -> bool {
+        let pending = self.lock();
+        pending.full || pending.changes.iter().any(f)
+    }
 }
 
 impl ClusterStores {
@@ -291,6 +373,10 @@ impl ClusterEntry {
 #[derive(Debug, Default)]
 pub struct Mesh {
     clusters: RwLock<BTreeMap<String, ClusterEntry>>,
+    /// Bumped (under the `clusters` write lock) by every change of
+    /// `clusters`, so the reconciler knows when its view of which
+    /// connections count is out of date.
+    version: AtomicU64,
     /// Cluster ID → name of the cluster holding it.
     claims: Mutex<BTreeMap<u16, String>>,
     changed: Notify,
@@ -310,6 +396,11 @@ impl Mesh {
         self.services_changed.notified().await;
     }
 
+    /// Wakes only the (ipcache) reconciler: an endpoint or node changed.
+    pub fn notify_reconciler(&self) {
+        self.changed.notify_one();
+    }
+
     /// Waits for the next change (changes while nobody waits are kept as
     /// one pending wake-up, so none is lost and bursts coalesce).
     pub async fn changed(&self) {
@@ -318,30 +409,46 @@ impl Mesh {
 
     /// A copy of every cluster's entry.
     pub fn snapshot(&self) -> BTreeMap<String, ClusterEntry> {
-        self.clusters
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.versioned_snapshot().1
     }
 
-    fn update(&self, cluster: &str, f: impl FnOnce(&mut ClusterEntry)) {
+    /// The version of the cluster map: it changes whenever a cluster, a
+    /// connection or a refusal does.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// [`Mesh::version`] and [`Mesh::snapshot`], read together.
+    pub fn versioned_snapshot(&self) -> (u64, BTreeMap<String, ClusterEntry>) {
+        let map = self
+            .clusters
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (self.version.load(Ordering::Acquire), map.clone())
+    }
+
+    fn write(&self, f: impl FnOnce(&mut BTreeMap<String, ClusterEntry>)) {
         let mut map = self
             .clusters
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(map.entry(cluster.to_owned()).or_default());
+        f(&mut map);
+        self.version.fetch_add(1, Ordering::AcqRel);
         drop(map);
         self.notify();
+    }
+
+    /// Applies `f` to the entry of `cluster` (created if new).
+    pub(crate) fn update(&self, cluster: &str, f: impl FnOnce(&mut ClusterEntry)) {
+        self.write(|map| f(map.entry(cluster.to_owned()).or_default()));
     }
 
     /// Removes `cluster` (its config file is gone): its entries are drained
     /// by the next reconcile pass.
     pub fn remove(&self, cluster: &str) {
-        self.clusters
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(cluster);
-        self.notify();
+        self.write(|map| {
+            map.remove(cluster);
+        });
     }
 
     fn claim(&self, cluster: &str, id: u16) -> Result<ClaimGuard<'_>, String> {
@@ -529,19 +636,34 @@ impl Context {
             ..WatchStoreConfig::default()
         };
         let mut forwarders = Vec::new();
-        let nodes = self.store::<Node>(&backend, &scope, &store_config, &mut forwarders);
-        let endpoints =
-            self.store::<IpcacheEntry>(&backend, &scope, &store_config, &mut forwarders);
-        let identities =
-            self.store::<IdentityRecord>(&backend, &scope, &store_config, &mut forwarders);
-        let services =
-            self.store::<ClusterService>(&backend, &scope, &store_config, &mut forwarders);
+        let changes = Arc::new(Changes::default());
+        let streams = Streams {
+            backend: &backend,
+            scope: &scope,
+            config: &store_config,
+            changes: &changes,
+        };
+        let nodes = self.store(&streams, &mut forwarders, |n: &Node| {
+            Route::Reconciler(Change::Node(n.name.clone()))
+        });
+        let endpoints = self.store(&streams, &mut forwarders, |e: &IpcacheEntry| {
+            Route::Reconciler(Change::Endpoint(e.ip))
+        });
+        // Identities have no datapath state of their own (the ipcache
+        // entries carry the numeric identity), so their changes wake nobody.
+        let identities = self.store(&streams, &mut forwarders, |_: &IdentityRecord| {
+            Route::Nobody
+        });
+        let services = self.store(&streams, &mut forwarders, |_: &ClusterService| {
+            Route::Services
+        });
         let stores = Arc::new(ClusterStores {
-            scope,
+            scope: scope.clone(),
             nodes,
             endpoints,
             identities,
             services,
+            changes,
         });
         self.mesh.update(cluster, |e| {
             e.refused = false;
@@ -610,26 +732,66 @@ impl Context {
         }
     }
 
+    /// Starts the store of one kind and the task that forwards its events:
+    /// endpoint and node changes are queued for the reconciler's
+    /// incremental passes, service changes wake the service reconciler,
+    /// and a store's `Synced` asks both for a full pass.
     fn store<R: Resource>(
         &self,
-        backend: &Arc<dyn ListWatch>,
-        scope: &RemoteScope,
-        config: &WatchStoreConfig,
+        streams: &Streams<'_>,
         forwarders: &mut Vec<JoinHandle<()>>,
+        route: fn(&R) -> Route,
     ) -> WatchStore<R> {
-        let (store, mut events) =
-            WatchStore::<R>::spawn(backend.clone(), scope.clone(), config.clone());
+        let (store, mut events) = WatchStore::<R>::spawn(
+            streams.backend.clone(),
+            streams.scope.clone(),
+            streams.config.clone(),
+        );
         let mesh = self.mesh.clone();
+        let changes = streams.changes.clone();
         forwarders.push(tokio::spawn(
             async move {
-                while events.recv().await.is_some() {
-                    mesh.notify();
+                while let Some(event) = events.recv().await {
+                    let record = match &event {
+                        Event::Upsert(r) | Event::Delete(r) => r,
+                        Event::Synced => {
+                            changes.push_full();
+                            mesh.notify();
+                            continue;
+                        }
+                    };
+                    match route(record) {
+                        Route::Reconciler(change) => {
+                            changes.push(change);
+                            mesh.notify_reconciler();
+                        }
+                        Route::Services => mesh.notify(),
+                        Route::Nobody => {}
+                    }
                 }
             }
             .in_current_span(),
         ));
         store
     }
+}
+
+/// What every store of one connection is started with.
+struct Streams<'a> {
+    backend: &'a Arc<dyn ListWatch>,
+    scope: &'a RemoteScope,
+    config: &'a WatchStoreConfig,
+    changes: &'a Arc<Changes>,
+}
+
+/// Who hears about a changed record.
+enum Route {
+    /// The ipcache reconciler, through the connection's [`Changes`].
+    Reconciler(Change),
+    /// The service reconciler.
+    Services,
+    /// Nobody: the kind has no datapath state.
+    Nobody,
 }
 
 async fn wait_synced(stores: &ClusterStores) {

@@ -11,22 +11,27 @@
 //! * for WireGuard peers a changed peer is removed and added again, because
 //!   boringtun cannot modify a peer in place ([`peer_ops`]).
 //!
-//! [`desired_state`] is the other pure half: the merged view of every
-//! cluster ([`crate::clusters::Mesh`]) as ipcache entries and remote nodes
-//! for the tunnel layer.
+//! The desired state (ipcache entries and remote nodes for the tunnel layer,
+//! merged over every cluster) is computed two ways that must agree:
+//! [`desired_state`] from scratch, by walking every store, and [`Index`]
+//! change by change, at a cost that does not grow with the number of
+//! entries. The reconciler ([`crate::reconciler`]) applies changes through
+//! the index and runs the full computation when the set of connections
+//! changes and periodically, to check that there is nothing to correct.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
-use api::ReservedIdentity;
+use api::{Node, ReservedIdentity};
 use datapath::{IpcacheEntry, IpcacheFlags};
 use ipnet::IpNet;
 use tunnel::routes::RemoteNode;
 
 use crate::{
-    clusters::ClusterEntry,
+    clusters::{Change, ClusterEntry, ClusterStores},
     config::{Encryption, Routing},
 };
 
@@ -104,6 +109,72 @@ pub struct LocalNode {
     pub encryption: Encryption,
 }
 
+impl LocalNode {
+    /// Flags of an entry hosted elsewhere than on this node.
+    fn remote_flags(&self, local_cluster: bool) -> IpcacheFlags {
+        let mut flags = IpcacheFlags::NONE;
+        if !local_cluster {
+            flags = flags | IpcacheFlags::REMOTE_CLUSTER;
+        }
+        if self.routing == Routing::Native && self.encryption == Encryption::Wireguard {
+            flags = flags | IpcacheFlags::ENCRYPT;
+        }
+        flags
+    }
+
+    fn tunnel_to(&self, host: Option<IpAddr>) -> Option<IpAddr> {
+        match (self.routing, host) {
+            (Routing::Tunnel, Some(ip @ IpAddr::V4(_))) => Some(ip),
+            _ => None,
+        }
+    }
+
+    /// The ipcache entry of an endpoint of a cluster (see [`desired_state`]).
+    pub fn endpoint_entry(&self, local_cluster: bool, ep: &api::IpcacheEntry) -> IpcacheEntry {
+        let own_pod = local_cluster && ep.host_ip == Some(IpAddr::V4(self.node_ip));
+        if own_pod {
+            IpcacheEntry {
+                identity: ep.id.0,
+                tunnel_endpoint: None,
+                flags: IpcacheFlags::NONE,
+            }
+        } else {
+            IpcacheEntry {
+                identity: ep.id.0,
+                tunnel_endpoint: self.tunnel_to(ep.host_ip),
+                flags: self.remote_flags(local_cluster),
+            }
+        }
+    }
+
+    /// The ipcache entry of a pod CIDR of a node reached at `underlay`.
+    pub fn node_cidr_entry(&self, local_cluster: bool, underlay: Ipv4Addr) -> IpcacheEntry {
+        IpcacheEntry {
+            identity: ReservedIdentity::World as u32,
+            tunnel_endpoint: self.tunnel_to(Some(IpAddr::V4(underlay))),
+            flags: self.remote_flags(local_cluster),
+        }
+    }
+
+    /// Whether `name` is this node (in the local cluster).
+    fn is_me(&self, local_cluster: bool, name: &str) -> bool {
+        local_cluster && name == self.node_name
+    }
+}
+
+/// The tunnel layer's view of a node of `cluster`.
+fn remote_node(cluster: &str, node: &Node, underlay: Ipv4Addr) -> RemoteNode {
+    let wireguard_public_key = (!node.wireguard_pub_key.is_empty())
+        .then(|| tunnel::PublicKey::from_base64(&node.wireguard_pub_key).ok())
+        .flatten();
+    RemoteNode {
+        name: format!("{cluster}/{}", node.name),
+        underlay_ip: IpAddr::V4(underlay),
+        pod_cidrs: node.pod_cidrs(),
+        wireguard_public_key,
+    }
+}
+
 /// The merged desired state of every cluster.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
@@ -117,7 +188,90 @@ pub struct Desired {
     pub conflicts: u64,
 }
 
-/// Computes the datapath's desired state from every cluster's stores.
+/// Read access to the records of one connection ("source") to a cluster.
+///
+/// An endpoint counts only under its canonical key
+/// (`cilium/state/ip/v1/default/<ip>`, the IP as Rust prints it). The
+/// schema lets a remote cluster write one IPv6 address under several
+/// spellings (`…/2001:db8::1`, `…/2001:db8:0::1`); store events carry the
+/// record and not its key, so only the canonical one can be followed change
+/// by change, and the full computation ignores the others as well. An IPv4
+/// address has a single spelling that parses.
+pub trait SourceView {
+    /// The endpoint with IP `ip`, if held under its canonical key.
+    fn endpoint(&self, ip: IpAddr) -> Option<Arc<api::IpcacheEntry>>;
+    /// Every endpoint held under its canonical key.
+    fn endpoints(&self) -> Vec<Arc<api::IpcacheEntry>>;
+    /// The node named `name`.
+    fn node(&self, name: &str) -> Option<Arc<Node>>;
+    /// Every node.
+    fn nodes(&self) -> Vec<Arc<Node>>;
+}
+
+impl SourceView for ClusterStores {
+    fn endpoint(&self, ip: IpAddr) -> Option<Arc<api::IpcacheEntry>> {
+        self.endpoints.get(&api::keys::ip_key(ip))
+    }
+
+    fn endpoints(&self) -> Vec<Arc<api::IpcacheEntry>> {
+        let mut all = self.endpoints.list();
+        all.retain(|ep| {
+            ep.ip.is_ipv4()
+                || self
+                    .endpoints
+                    .get(&api::keys::ip_key(ep.ip))
+                    .is_some_and(|held| Arc::ptr_eq(&held, ep))
+        });
+        all
+    }
+
+    fn node(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes
+            .get(&api::keys::node_key(&self.scope.cluster, name))
+    }
+
+    fn nodes(&self) -> Vec<Arc<Node>> {
+        self.nodes.list()
+    }
+}
+
+/// One cluster as the desired state sees it.
+#[derive(Debug)]
+pub struct ActiveCluster<S> {
+    /// Cluster name.
+    pub name: String,
+    /// This node's own cluster.
+    pub local: bool,
+    /// The connections whose records count, in precedence order: the
+    /// current one, then the previous one while the current one has not
+    /// synced ([`ClusterEntry::sources`]).
+    pub sources: Vec<Arc<S>>,
+}
+
+/// Sorts `clusters` by precedence: the local cluster first, then by name.
+pub fn sort_by_precedence<S>(clusters: &mut [ActiveCluster<S>]) {
+    clusters.sort_by(|a, b| (!a.local, &a.name).cmp(&(!b.local, &b.name)));
+}
+
+/// Every cluster of `clusters` with the connections that count, in
+/// precedence order.
+pub fn active_clusters(
+    clusters: &BTreeMap<String, ClusterEntry>,
+) -> Vec<ActiveCluster<ClusterStores>> {
+    let mut out: Vec<_> = clusters
+        .iter()
+        .map(|(name, entry)| ActiveCluster {
+            name: name.clone(),
+            local: entry.local,
+            sources: entry.sources().cloned().collect(),
+        })
+        .collect();
+    sort_by_precedence(&mut out);
+    out
+}
+
+/// Computes the datapath's desired state from scratch from every cluster's
+/// stores; `clusters` in precedence order ([`active_clusters`]).
 ///
 /// * Every endpoint (ipcache record) of every cluster becomes a host prefix
 ///   with its identity. Pods of this node have no tunnel endpoint (they are
@@ -131,24 +285,13 @@ pub struct Desired {
 ///   kernel routes them into the WireGuard device). With tunnel routing,
 ///   encryption is a routing decision on the VXLAN packets (see the `tunnel`
 ///   crate), so the entries are the same as without it.
-pub fn desired_state(clusters: &BTreeMap<String, ClusterEntry>, me: &LocalNode) -> Desired {
+/// * A prefix claimed more than once goes to the first claim: clusters in
+///   precedence order; within a cluster the endpoints (current connection,
+///   then previous) before the node CIDRs; nodes by connection, then by
+///   name. A node appears once per cluster, from the first connection that
+///   has it with an IPv4 `InternalIP`.
+pub fn desired_state<S: SourceView>(clusters: &[ActiveCluster<S>], me: &LocalNode) -> Desired {
     let mut out = Desired::default();
-    let mut order: Vec<(&String, &ClusterEntry)> = clusters.iter().collect();
-    order.sort_by_key(|(name, e)| (!e.local, name.as_str()));
-    let remote_flags = |local_cluster: bool| {
-        let mut flags = IpcacheFlags::NONE;
-        if !local_cluster {
-            flags = flags | IpcacheFlags::REMOTE_CLUSTER;
-        }
-        if me.routing == Routing::Native && me.encryption == Encryption::Wireguard {
-            flags = flags | IpcacheFlags::ENCRYPT;
-        }
-        flags
-    };
-    let tunnel_to = |host: Option<IpAddr>| match (me.routing, host) {
-        (Routing::Tunnel, Some(ip @ IpAddr::V4(_))) => Some(ip),
-        _ => None,
-    };
     let insert =
         |out: &mut Desired, prefix: IpNet, entry: IpcacheEntry| match out.ipcache.entry(prefix) {
             std::collections::btree_map::Entry::Occupied(_) => out.conflicts += 1,
@@ -156,67 +299,296 @@ pub fn desired_state(clusters: &BTreeMap<String, ClusterEntry>, me: &LocalNode) 
                 v.insert(entry);
             }
         };
-    for (name, cluster) in order {
-        let local_cluster = cluster.local;
-        for stores in cluster.sources() {
-            for ep in stores.endpoints.list() {
-                let own_pod = local_cluster && ep.host_ip == Some(IpAddr::V4(me.node_ip));
-                let entry = if own_pod {
-                    IpcacheEntry {
-                        identity: ep.id.0,
-                        tunnel_endpoint: None,
-                        flags: IpcacheFlags::NONE,
-                    }
-                } else {
-                    IpcacheEntry {
-                        identity: ep.id.0,
-                        tunnel_endpoint: tunnel_to(ep.host_ip),
-                        flags: remote_flags(local_cluster),
-                    }
-                };
-                insert(&mut out, IpNet::from(ep.ip), entry);
+    for cluster in clusters {
+        for source in &cluster.sources {
+            for ep in source.endpoints() {
+                insert(
+                    &mut out,
+                    IpNet::from(ep.ip),
+                    me.endpoint_entry(cluster.local, &ep),
+                );
             }
         }
-        for stores in cluster.sources() {
-            for node in stores.nodes.list() {
-                if local_cluster && node.name == me.node_name {
+        for source in &cluster.sources {
+            let mut nodes = source.nodes();
+            nodes.sort_by(|a, b| a.name.cmp(&b.name));
+            for node in nodes {
+                if me.is_me(cluster.local, &node.name) {
                     continue;
                 }
-                let key = format!("{name}/{}", node.name);
+                let key = format!("{}/{}", cluster.name, node.name);
                 if out.remotes.contains_key(&key) {
                     continue;
                 }
                 let Some(underlay) = node.internal_ipv4() else {
                     continue;
                 };
-                let cidrs = node.pod_cidrs();
-                for cidr in &cidrs {
+                for cidr in node.pod_cidrs() {
                     insert(
                         &mut out,
                         cidr.trunc(),
-                        IpcacheEntry {
-                            identity: ReservedIdentity::World as u32,
-                            tunnel_endpoint: tunnel_to(Some(IpAddr::V4(underlay))),
-                            flags: remote_flags(local_cluster),
-                        },
+                        me.node_cidr_entry(cluster.local, underlay),
                     );
                 }
-                let wireguard_public_key = (!node.wireguard_pub_key.is_empty())
-                    .then(|| tunnel::PublicKey::from_base64(&node.wireguard_pub_key).ok())
-                    .flatten();
-                out.remotes.insert(
-                    key.clone(),
-                    RemoteNode {
-                        name: key,
-                        underlay_ip: IpAddr::V4(underlay),
-                        pod_cidrs: cidrs,
-                        wireguard_public_key,
-                    },
-                );
+                out.remotes
+                    .insert(key, remote_node(&cluster.name, &node, underlay));
             }
         }
     }
     out
+}
+
+/// What a claim on a prefix is, in precedence order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum ClaimKind {
+    Endpoint,
+    NodeCidr,
+}
+
+/// The precedence of one claim on a prefix; the smallest wins. The same
+/// order as [`desired_state`]'s loops.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    /// Position of the cluster in precedence order.
+    cluster: usize,
+    kind: ClaimKind,
+    /// Position of the connection in the cluster's sources.
+    source: usize,
+    /// The node (empty for endpoints).
+    node: String,
+    /// Which of the node's CIDRs.
+    nth: usize,
+}
+
+/// The claims of the node `cluster/name` that counts.
+#[derive(Debug, Clone, PartialEq)]
+struct NodeClaim {
+    source: usize,
+    prefixes: Vec<IpNet>,
+    entry: IpcacheEntry,
+}
+
+/// What applying changes to an [`Index`] touched.
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Prefixes whose claims changed (possibly repeated).
+    pub prefixes: Vec<IpNet>,
+    /// Whether the remote nodes changed.
+    pub remotes: bool,
+}
+
+/// The desired state kept up to date change by change: after
+/// [`Index::apply`] of every change of the stores, it equals
+/// [`desired_state`] of those stores (a property test below checks this on
+/// random histories with conflicts and deletes).
+///
+/// Every prefix keeps all of its claims ordered by precedence ([`Rank`]);
+/// the first is the desired entry and the others are counted as conflicts.
+/// A change names one record; the index reads that record's current value
+/// from its connection's store and replaces the claims it made before, so
+/// the cost of a change does not grow with the number of entries.
+#[derive(Debug)]
+pub struct Index<S> {
+    me: LocalNode,
+    clusters: Vec<ActiveCluster<S>>,
+    claims: HashMap<IpNet, BTreeMap<Rank, IpcacheEntry>>,
+    nodes: HashMap<(usize, String), NodeClaim>,
+    remotes: BTreeMap<String, RemoteNode>,
+    conflicts: u64,
+}
+
+impl<S: SourceView> Index<S> {
+    /// Builds the index of `clusters` (in precedence order,
+    /// [`active_clusters`]) from their stores.
+    pub fn build(clusters: Vec<ActiveCluster<S>>, me: LocalNode) -> Self {
+        let mut index = Self {
+            me,
+            clusters,
+            claims: HashMap::new(),
+            nodes: HashMap::new(),
+            remotes: BTreeMap::new(),
+            conflicts: 0,
+        };
+        let mut touched = Touched::default();
+        for ci in 0..index.clusters.len() {
+            for si in 0..index.clusters[ci].sources.len() {
+                let source = &index.clusters[ci].sources[si];
+                let (endpoints, nodes) = (source.endpoints(), source.nodes());
+                for ep in endpoints {
+                    index.endpoint(ci, si, ep.ip, &mut touched);
+                }
+                for node in nodes {
+                    index.node(ci, &node.name, &mut touched);
+                }
+                touched.prefixes.clear();
+            }
+        }
+        index
+    }
+
+    /// The clusters the index reads, in precedence order.
+    pub fn clusters(&self) -> &[ActiveCluster<S>] {
+        &self.clusters
+    }
+
+    /// Applies a change reported by source `source` of cluster `cluster`
+    /// (positions in [`Index::clusters`]).
+    pub fn apply(&mut self, cluster: usize, source: usize, change: &Change, touched: &mut Touched) {
+        match change {
+            Change::Endpoint(ip) => self.endpoint(cluster, source, *ip, touched),
+            Change::Node(name) => self.node(cluster, name, touched),
+        }
+    }
+
+    /// The desired entry of `prefix`.
+    pub fn desired(&self, prefix: &IpNet) -> Option<&IpcacheEntry> {
+        self.claims.get(prefix).and_then(|c| c.values().next())
+    }
+
+    /// Every node but this one, keyed by `cluster/node`.
+    pub fn remotes(&self) -> &BTreeMap<String, RemoteNode> {
+        &self.remotes
+    }
+
+    /// Claims that lost to another claim on the same prefix.
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts
+    }
+
+    /// The whole desired state, as [`desired_state`] returns it.
+    pub fn to_desired(&self) -> Desired {
+        Desired {
+            ipcache: self
+                .claims
+                .iter()
+                .filter_map(|(p, c)| c.values().next().map(|e| (*p, *e)))
+                .collect(),
+            remotes: self.remotes.clone(),
+            conflicts: self.conflicts,
+        }
+    }
+
+    /// The writes that make `actual` agree with the index on `prefixes`
+    /// (what [`diff`] would write for them): deletions first, and only
+    /// when `sweep` is allowed.
+    pub fn ops_for(
+        &self,
+        prefixes: &[IpNet],
+        actual: &BTreeMap<IpNet, IpcacheEntry>,
+        sweep: bool,
+    ) -> Vec<Op<IpNet, IpcacheEntry>> {
+        let touched: std::collections::BTreeSet<IpNet> = prefixes.iter().copied().collect();
+        let (mut deletes, mut upserts) = (Vec::new(), Vec::new());
+        for prefix in touched {
+            match (self.desired(&prefix), actual.get(&prefix)) {
+                (Some(want), have) if have != Some(want) => upserts.push(Op::Upsert(prefix, *want)),
+                (None, Some(_)) if sweep => deletes.push(Op::Delete(prefix)),
+                _ => {}
+            }
+        }
+        deletes.append(&mut upserts);
+        deletes
+    }
+
+    fn endpoint(&mut self, ci: usize, si: usize, ip: IpAddr, touched: &mut Touched) {
+        let cluster = &self.clusters[ci];
+        let entry = cluster.sources[si]
+            .endpoint(ip)
+            .map(|ep| self.me.endpoint_entry(cluster.local, &ep));
+        let rank = Rank {
+            cluster: ci,
+            kind: ClaimKind::Endpoint,
+            source: si,
+            node: String::new(),
+            nth: 0,
+        };
+        self.set_claim(IpNet::from(ip), rank, entry, touched);
+    }
+
+    fn node(&mut self, ci: usize, name: &str, touched: &mut Touched) {
+        let cluster = &self.clusters[ci];
+        let key = format!("{}/{name}", cluster.name);
+        let counted = if self.me.is_me(cluster.local, name) {
+            None
+        } else {
+            cluster.sources.iter().enumerate().find_map(|(si, s)| {
+                let node = s.node(name)?;
+                let underlay = node.internal_ipv4()?;
+                Some((si, node, underlay))
+            })
+        };
+        let claim = counted.as_ref().map(|(si, node, underlay)| NodeClaim {
+            source: *si,
+            prefixes: node.pod_cidrs().iter().map(IpNet::trunc).collect(),
+            entry: self.me.node_cidr_entry(cluster.local, *underlay),
+        });
+        let remote = counted.map(|(_, node, underlay)| remote_node(&cluster.name, &node, underlay));
+        let slot = (ci, name.to_owned());
+        let old = self.nodes.remove(&slot);
+        if old != claim {
+            let rank = |source: usize, nth: usize| Rank {
+                cluster: ci,
+                kind: ClaimKind::NodeCidr,
+                source,
+                node: name.to_owned(),
+                nth,
+            };
+            if let Some(old) = &old {
+                for (nth, prefix) in old.prefixes.iter().enumerate() {
+                    self.set_claim(*prefix, rank(old.source, nth), None, touched);
+                }
+            }
+            if let Some(new) = &claim {
+                for (nth, prefix) in new.prefixes.iter().enumerate() {
+                    self.set_claim(*prefix, rank(new.source, nth), Some(new.entry), touched);
+                }
+            }
+        }
+        if let Some(claim) = claim {
+            self.nodes.insert(slot, claim);
+        }
+        let changed = match remote {
+            Some(remote) if self.remotes.get(&key) != Some(&remote) => {
+                self.remotes.insert(key, remote);
+                true
+            }
+            Some(_) => false,
+            None => self.remotes.remove(&key).is_some(),
+        };
+        touched.remotes |= changed;
+    }
+
+    fn set_claim(
+        &mut self,
+        prefix: IpNet,
+        rank: Rank,
+        entry: Option<IpcacheEntry>,
+        touched: &mut Touched,
+    ) {
+        match entry {
+            Some(entry) => {
+                let claims = self.claims.entry(prefix).or_default();
+                let others = claims.len() - usize::from(claims.contains_key(&rank));
+                if claims.insert(rank, entry).is_none() && others > 0 {
+                    self.conflicts += 1;
+                }
+            }
+            None => {
+                let Some(claims) = self.claims.get_mut(&prefix) else {
+                    return;
+                };
+                if claims.remove(&rank).is_none() {
+                    return;
+                }
+                if claims.is_empty() {
+                    self.claims.remove(&prefix);
+                } else {
+                    self.conflicts -= 1;
+                }
+            }
+        }
+        touched.prefixes.push(prefix);
+    }
 }
 
 #[cfg(test)]
@@ -274,6 +646,7 @@ mod tests {
             identities: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
             services: WatchStore::spawn(backend, scope.clone(), cfg).0,
             scope,
+            changes: Default::default(),
         };
         stores.nodes.wait_until_synced().await;
         stores.endpoints.wait_until_synced().await;
@@ -293,6 +666,15 @@ mod tests {
             routing,
             encryption,
         }
+    }
+
+    /// [`desired_state`] of the stores, checked against an [`Index`] built
+    /// from the same stores.
+    fn full(clusters: &BTreeMap<String, ClusterEntry>, me: &LocalNode) -> Desired {
+        let d = desired_state(&active_clusters(clusters), me);
+        let index = Index::build(active_clusters(clusters), me.clone());
+        assert_eq!(index.to_desired(), d, "index built from the stores");
+        d
     }
 
     async fn two_clusters() -> BTreeMap<String, ClusterEntry> {
@@ -335,7 +717,7 @@ mod tests {
 
     #[tokio::test]
     async fn tunnel_mode_entries_of_every_cluster() {
-        let d = desired_state(
+        let d = full(
             &two_clusters().await,
             &me(Routing::Tunnel, Encryption::None),
         );
@@ -367,7 +749,7 @@ mod tests {
 
     #[tokio::test]
     async fn native_wireguard_entries_have_no_tunnel_endpoint_and_encrypt() {
-        let d = desired_state(
+        let d = full(
             &two_clusters().await,
             &me(Routing::Native, Encryption::Wireguard),
         );
@@ -400,7 +782,7 @@ mod tests {
             )
             .await,
         );
-        let d = desired_state(&clusters, &me(Routing::Tunnel, Encryption::None));
+        let d = full(&clusters, &me(Routing::Tunnel, Encryption::None));
         assert_eq!(d.ipcache[&net("10.1.1.5/32")].identity, 65_800);
         assert_eq!(d.conflicts, 1);
     }
@@ -452,5 +834,275 @@ mod tests {
             ]
         );
         assert!(peer_ops(&desired, &desired.clone()).is_empty());
+    }
+
+    /// Property test: the index, fed the changes of random histories one by
+    /// one (delayed, batched and repeated as the queues deliver them), always
+    /// agrees with [`desired_state`] computed from scratch, and the writes it
+    /// asks for keep a map equal to that state, with no deletion before the
+    /// sweep. The pools are small so that prefixes are claimed by several
+    /// clusters, connections, endpoints and node CIDRs at once.
+    mod incremental {
+        use super::*;
+        use std::sync::Mutex;
+
+        use rand::{rngs::StdRng, seq::IndexedRandom, Rng, SeedableRng};
+
+        const SEQUENCES: u64 = 500;
+        const STEPS: usize = 120;
+
+        /// A connection's records in plain maps (what a store holds).
+        #[derive(Debug, Default)]
+        struct Model {
+            endpoints: Mutex<BTreeMap<IpAddr, Arc<api::IpcacheEntry>>>,
+            nodes: Mutex<BTreeMap<String, Arc<Node>>>,
+        }
+
+        impl SourceView for Model {
+            fn endpoint(&self, ip: IpAddr) -> Option<Arc<api::IpcacheEntry>> {
+                self.endpoints.lock().unwrap().get(&ip).cloned()
+            }
+            fn endpoints(&self) -> Vec<Arc<api::IpcacheEntry>> {
+                self.endpoints.lock().unwrap().values().cloned().collect()
+            }
+            fn node(&self, name: &str) -> Option<Arc<Node>> {
+                self.nodes.lock().unwrap().get(name).cloned()
+            }
+            fn nodes(&self) -> Vec<Arc<Node>> {
+                self.nodes.lock().unwrap().values().cloned().collect()
+            }
+        }
+
+        const ENDPOINT_IPS: &[&str] = &[
+            "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.9.0.1", "10.9.0.5", "fd00::1", "fd00::2",
+        ];
+        const HOSTS: &[Option<&str>] = &[
+            Some("192.168.1.2"), // this node
+            Some("192.168.1.3"),
+            Some("192.168.2.2"),
+            Some("fd00::99"),
+            None,
+        ];
+        const NODE_NAMES: &[&str] = &["n1", "n2", "n3"];
+        const CIDRS: &[&str] = &[
+            "10.0.0.1/32",
+            "10.0.0.2/32",
+            "10.9.0.0/24",
+            "10.9.0.7/24", // truncates to 10.9.0.0/24
+            "10.8.0.0/16",
+            "fd00::/64",
+            "fd00::1/128",
+        ];
+        const UNDERLAYS: &[Option<&str>] = &[
+            Some("192.168.1.3"),
+            Some("192.168.2.2"),
+            Some("192.168.3.2"),
+            Some("fd00::7"), // no IPv4 underlay: the node does not count
+            None,
+        ];
+        const KEYS: &[&str] = &[
+            "",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+        ];
+
+        fn shared(clusters: &[ActiveCluster<Model>]) -> Vec<ActiveCluster<Model>> {
+            clusters
+                .iter()
+                .map(|c| ActiveCluster {
+                    name: c.name.clone(),
+                    local: c.local,
+                    sources: c.sources.clone(),
+                })
+                .collect()
+        }
+
+        /// Changes one record of a random connection the way a store
+        /// would, and queues the change it would report.
+        fn mutate(
+            rng: &mut StdRng,
+            clusters: &[ActiveCluster<Model>],
+            pending: &mut Vec<(usize, usize, Change)>,
+        ) {
+            let ci = rng.random_range(0..clusters.len());
+            let si = rng.random_range(0..clusters[ci].sources.len());
+            let cluster = &clusters[ci];
+            let source = &cluster.sources[si];
+            let id = u16::try_from(ci + 1).unwrap();
+            let change = match rng.random_range(0..10) {
+                0..=3 => {
+                    let ip: IpAddr = ENDPOINT_IPS.choose(rng).unwrap().parse().unwrap();
+                    let host = HOSTS.choose(rng).unwrap().map(|h| h.parse().unwrap());
+                    let identity = NumericIdentity(rng.random_range(65_536..65_540));
+                    let ep = api::IpcacheEntry::new(ip, identity, host);
+                    source.endpoints.lock().unwrap().insert(ip, Arc::new(ep));
+                    Change::Endpoint(ip)
+                }
+                4..=5 => {
+                    let ip: IpAddr = ENDPOINT_IPS.choose(rng).unwrap().parse().unwrap();
+                    if source.endpoints.lock().unwrap().remove(&ip).is_none() {
+                        return; // a store reports nothing for an absent key
+                    }
+                    Change::Endpoint(ip)
+                }
+                6..=8 => {
+                    let name = *NODE_NAMES.choose(rng).unwrap();
+                    let mut node = Node::new(
+                        name,
+                        cluster.name.parse().unwrap(),
+                        ClusterId::new(id, MAX).unwrap(),
+                    );
+                    if let Some(u) = UNDERLAYS.choose(rng).unwrap() {
+                        node.set_address(api::AddressType::InternalIp, u.parse().unwrap());
+                    }
+                    let n = rng.random_range(0..=3);
+                    node.set_pod_cidrs(
+                        CIDRS
+                            .choose_multiple(rng, n)
+                            .map(|c| c.parse::<IpNet>().unwrap()),
+                    );
+                    (*KEYS.choose(rng).unwrap()).clone_into(&mut node.wireguard_pub_key);
+                    source
+                        .nodes
+                        .lock()
+                        .unwrap()
+                        .insert(name.to_owned(), Arc::new(node));
+                    Change::Node(name.to_owned())
+                }
+                _ => {
+                    let name = *NODE_NAMES.choose(rng).unwrap();
+                    if source.nodes.lock().unwrap().remove(name).is_none() {
+                        return;
+                    }
+                    Change::Node(name.to_owned())
+                }
+            };
+            pending.push((ci, si, change));
+        }
+
+        fn apply_ops(
+            actual: &mut BTreeMap<IpNet, IpcacheEntry>,
+            ops: Vec<Op<IpNet, IpcacheEntry>>,
+            sweep: bool,
+        ) {
+            for op in ops {
+                match op {
+                    Op::Upsert(p, e) => {
+                        actual.insert(p, e);
+                    }
+                    Op::Delete(p) => {
+                        assert!(sweep, "{p} deleted before the sweep");
+                        actual.remove(&p);
+                    }
+                }
+            }
+        }
+
+        fn check(
+            seed: u64,
+            step: usize,
+            index: &Index<Model>,
+            clusters: &[ActiveCluster<Model>],
+            me: &LocalNode,
+            actual: &BTreeMap<IpNet, IpcacheEntry>,
+            sweep: bool,
+        ) {
+            let want = desired_state(clusters, me);
+            assert_eq!(index.to_desired(), want, "seed {seed}, step {step}");
+            if sweep {
+                assert_eq!(actual, &want.ipcache, "map, seed {seed}, step {step}");
+            } else {
+                for (prefix, entry) in &want.ipcache {
+                    assert_eq!(actual.get(prefix), Some(entry), "seed {seed}, step {step}");
+                }
+            }
+        }
+
+        #[test]
+        fn incremental_changes_agree_with_the_full_rebuild() {
+            let mut conflicts_seen = 0;
+            let mut deletes_seen = 0;
+            for seed in 0..SEQUENCES {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let me = LocalNode {
+                    cluster: "c1".into(),
+                    node_name: "n1".into(),
+                    node_ip: Ipv4Addr::new(192, 168, 1, 2),
+                    routing: *[Routing::Tunnel, Routing::Native].choose(&mut rng).unwrap(),
+                    encryption: *[Encryption::None, Encryption::Wireguard]
+                        .choose(&mut rng)
+                        .unwrap(),
+                };
+                // Clusters in a random order, one or two connections each
+                // (a reconnect in progress keeps the previous one).
+                let mut names = vec![("c3", false), ("c1", true), ("c2", false)];
+                names.rotate_left(rng.random_range(0..3));
+                let mut clusters: Vec<ActiveCluster<Model>> = names
+                    .into_iter()
+                    .map(|(name, local)| ActiveCluster {
+                        name: name.into(),
+                        local,
+                        sources: (0..rng.random_range(1..=2))
+                            .map(|_| Arc::new(Model::default()))
+                            .collect(),
+                    })
+                    .collect();
+                sort_by_precedence(&mut clusters);
+                let mut pending = Vec::new();
+                // The initial listing, then a map adopted from a previous run
+                // with stale entries.
+                for _ in 0..rng.random_range(0..12) {
+                    mutate(&mut rng, &clusters, &mut pending);
+                }
+                pending.clear();
+                let mut actual: BTreeMap<IpNet, IpcacheEntry> = (0..rng.random_range(0..4))
+                    .map(|i| {
+                        (
+                            net(&format!("10.7.0.{i}/32")),
+                            entry(9, None, IpcacheFlags::NONE),
+                        )
+                    })
+                    .collect();
+                let mut sweep = false;
+                let mut index = Index::build(shared(&clusters), me.clone());
+                let ops = diff(&desired_state(&clusters, &me).ipcache, &actual, sweep);
+                apply_ops(&mut actual, ops, sweep);
+                check(seed, 0, &index, &clusters, &me, &actual, sweep);
+                for step in 1..=STEPS {
+                    mutate(&mut rng, &clusters, &mut pending);
+                    if rng.random_bool(0.1) {
+                        // Reported twice (a replay is harmless).
+                        if let Some(last) = pending.last().cloned() {
+                            pending.push(last);
+                        }
+                    }
+                    if step == STEPS / 2 {
+                        // Every cluster synced: a full pass, sweeping from now on.
+                        sweep = true;
+                        pending.clear();
+                        index = Index::build(shared(&clusters), me.clone());
+                        let ops = diff(&desired_state(&clusters, &me).ipcache, &actual, sweep);
+                        deletes_seen += ops.iter().filter(|o| matches!(o, Op::Delete(_))).count();
+                        apply_ops(&mut actual, ops, sweep);
+                    } else if rng.random_bool(0.3) || step == STEPS {
+                        // A pass takes what was queued so far.
+                        let mut touched = Touched::default();
+                        for (ci, si, change) in pending.drain(..) {
+                            index.apply(ci, si, &change, &mut touched);
+                        }
+                        let ops = index.ops_for(&touched.prefixes, &actual, sweep);
+                        deletes_seen += ops.iter().filter(|o| matches!(o, Op::Delete(_))).count();
+                        apply_ops(&mut actual, ops, sweep);
+                    }
+                    if pending.is_empty() {
+                        check(seed, step, &index, &clusters, &me, &actual, sweep);
+                        conflicts_seen += index.conflicts();
+                    }
+                }
+            }
+            // The histories did exercise what they are meant to.
+            assert!(conflicts_seen > 1_000, "{conflicts_seen} conflicts");
+            assert!(deletes_seen > 1_000, "{deletes_seen} deletions");
+        }
     }
 }

@@ -1,11 +1,32 @@
 //! The reconciler: keeps the datapath's ipcache map, the WireGuard peers and
 //! the tunnel routes equal to the merged state of every cluster.
 //!
-//! One task runs passes: whenever a cluster task or a store reports a
-//! change ([`Mesh::changed`], coalesced), and every [`RESYNC_PERIOD`] to
-//! repair what someone else changed. A pass computes
-//! [`desired_state`], diffs it against what the map holds and writes only
-//! the difference ([`diff`]).
+//! # Incremental passes
+//!
+//! Each connection's store forwarders queue the endpoints and nodes that
+//! changed ([`crate::clusters::Changes`]) and wake the reconciler. A pass
+//! takes the queued changes and applies each through the [`Index`]: the
+//! record's current value replaces the claims it made before, and only the
+//! prefixes it touched are compared with the map and written. So an
+//! endpoint registered in a remote cluster costs a few map operations
+//! whatever the number of entries.
+//!
+//! # Full passes
+//!
+//! When the set of connections that count changes (a cluster added,
+//! removed, refused or reconnected, a store synced, a queue overflowed, the
+//! sweep started), the queued changes are dropped, the index is rebuilt from
+//! the stores, and [`desired_state`], computed from scratch, is diffed
+//! against the map ([`diff`]). Every [`RESYNC_PERIOD`] the reconciler runs a
+//! **resync**: it applies what is queued, re-reads the map, and diffs the
+//! from-scratch desired state against it. In steady state that finds
+//! nothing; every write it has to make is counted as a *resync correction*
+//! (status `reconcile.resync-corrections`, metric
+//! `mesh_agent_reconcile_resync_corrections_total`) and logged with its
+//! prefix. Non-zero means that the incremental path missed something, or
+//! that someone else wrote the map. A difference is only counted when it
+//! survives applying the changes that were in flight while it was found, so
+//! churn during the resync is not mistaken for a correction.
 //!
 //! **Restart.** The ipcache map is pinned and adopted: at start the
 //! reconciler reads what it holds (the previous run's entries) as the
@@ -14,7 +35,11 @@
 //! from then on it sweeps. Routes and WireGuard peers follow the same rule:
 //! before the sweep they are only added.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use datapath::{Ipcache, IpcacheEntry};
 use ipnet::IpNet;
@@ -26,13 +51,16 @@ use tunnel::{
 };
 
 use crate::{
-    clusters::{ClusterEntry, Mesh},
-    reconcile::{desired_state, diff, LocalNode, Op},
+    clusters::{ClusterEntry, ClusterStores, Mesh},
+    reconcile::{active_clusters, desired_state, diff, Index, LocalNode, Op, Touched},
     status::StatusHub,
 };
 
-/// How often a pass runs without any change reported.
+/// How often a resync (full pass over a re-read map) runs.
 pub const RESYNC_PERIOD: Duration = Duration::from_secs(30);
+
+/// How many corrected prefixes one resync names in its log line.
+const LOGGED_CORRECTIONS: usize = 16;
 
 /// The tunnel layer's part of the reconciler.
 #[derive(Debug)]
@@ -59,6 +87,9 @@ pub struct Reconciler {
     sync_deadline: Instant,
     sweeping: bool,
     last_plan: Option<routes::Plan>,
+    /// The incremental view, and the [`Mesh::version`] it was built at
+    /// (`None`: not built yet).
+    index: Option<(u64, Index<ClusterStores>)>,
 }
 
 /// Errors of the reconciler's setup.
@@ -67,6 +98,14 @@ pub enum ReconcilerError {
     /// The pinned ipcache map cannot be read.
     #[error("reading the adopted ipcache map")]
     Adopt(#[source] datapath::maps::Error),
+}
+
+/// What a pass did, for the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PassKind {
+    Incremental { changes: u64 },
+    Full,
+    Resync { corrections: u64 },
 }
 
 impl Reconciler {
@@ -96,6 +135,7 @@ impl Reconciler {
             sync_deadline: Instant::now() + sync_timeout,
             sweeping: false,
             last_plan: None,
+            index: None,
         })
     }
 
@@ -103,40 +143,168 @@ impl Reconciler {
     /// out: the next agent adopts the map.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut resync = tokio::time::interval_at(Instant::now() + RESYNC_PERIOD, RESYNC_PERIOD);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.pass().await;
             let deadline = self.sync_deadline;
             tokio::select! {
                 () = &mut shutdown => return,
                 () = self.mesh.changed() => {}
-                () = tokio::time::sleep(RESYNC_PERIOD) => {
-                    match read_map(&self.ipcache) {
-                        Ok(actual) => self.actual = actual,
-                        Err(e) => warn!(error = %e, "re-reading the ipcache map"),
-                    }
-                    self.last_plan = None;
+                _ = resync.tick() => {
+                    self.pass().await;
+                    self.resync().await;
                 }
                 () = tokio::time::sleep_until(deadline), if !self.sweeping => {}
             }
         }
     }
 
-    /// One pass; see the module docs.
+    /// Applies whatever changed since the last pass: incrementally, or by a
+    /// full pass when the connections that count changed (module docs).
     pub async fn pass(&mut self) {
         let started = Instant::now();
-        let clusters = self.mesh.snapshot();
-        if !self.sweeping {
-            if all_synced(&clusters) {
-                info!("every cluster synced; removing stale entries from now on");
-                self.sweeping = true;
-            } else if Instant::now() >= self.sync_deadline {
-                warn!("sync timeout passed before every cluster synced; removing stale entries anyway");
-                self.sweeping = true;
+        let structural = match &self.index {
+            None => true,
+            Some((version, _)) => {
+                *version != self.mesh.version()
+                    || (!self.sweeping && Instant::now() >= self.sync_deadline)
+            }
+        };
+        if structural {
+            return self.full_pass(started, None).await;
+        }
+        let Some((_, index)) = &mut self.index else {
+            return;
+        };
+        let mut touched = Touched::default();
+        let mut applied = 0u64;
+        let mut full = false;
+        for ci in 0..index.clusters().len() {
+            for si in 0..index.clusters()[ci].sources.len() {
+                let pending = index.clusters()[ci].sources[si].changes.take();
+                full |= pending.full;
+                if full {
+                    continue;
+                }
+                for change in &pending.changes {
+                    index.apply(ci, si, change, &mut touched);
+                }
+                applied += pending.changes.len() as u64;
             }
         }
-        let desired = desired_state(&clusters, &self.me);
+        if full {
+            // What was taken is in the stores the full pass reads.
+            return self.full_pass(started, None).await;
+        }
+        if applied == 0 {
+            return;
+        }
+        let mut errors = self.write_touched(&touched.prefixes);
+        if touched.remotes {
+            let remotes = index_remotes(&self.index);
+            errors += self.apply_tunnel(&remotes).await;
+        }
+        self.report(started, errors, PassKind::Incremental { changes: applied });
+    }
+
+    /// Compares the touched prefixes' desired entries with the map and
+    /// writes the differences (deletions first, and only when sweeping).
+    fn write_touched(&mut self, prefixes: &[IpNet]) -> u64 {
+        let Some((_, index)) = &self.index else {
+            return 0;
+        };
+        let ops = index.ops_for(prefixes, &self.actual, self.sweeping);
+        self.write(ops)
+    }
+
+    /// A full pass: rebuilds the index, diffs the from-scratch desired state
+    /// against `self.actual` and writes the difference. With `suspects`
+    /// (a resync), only differences on those prefixes are counted as
+    /// corrections.
+    async fn full_pass(&mut self, started: Instant, suspects: Option<&BTreeSet<IpNet>>) {
+        let (version, clusters) = self.mesh.versioned_snapshot();
+        self.update_sweeping(&clusters);
+        let active = active_clusters(&clusters);
+        for source in active.iter().flat_map(|c| &c.sources) {
+            // The stores read below already hold what these changes name.
+            source.changes.take();
+        }
+        let desired = desired_state(&active, &self.me);
+        let index = Index::build(active, self.me.clone());
+        self.index = Some((version, index));
+        let ops = diff(&desired.ipcache, &self.actual, self.sweeping);
+        let kind = match suspects {
+            None => PassKind::Full,
+            Some(suspects) => {
+                let corrected: Vec<IpNet> = ops
+                    .iter()
+                    .map(|op| match op {
+                        Op::Upsert(p, _) | Op::Delete(p) => *p,
+                    })
+                    .filter(|p| suspects.contains(p))
+                    .collect();
+                if !corrected.is_empty() {
+                    warn!(
+                        corrections = corrected.len(),
+                        prefixes = ?&corrected[..corrected.len().min(LOGGED_CORRECTIONS)],
+                        "the resync corrected ipcache entries the incremental passes left wrong"
+                    );
+                }
+                PassKind::Resync {
+                    corrections: corrected.len() as u64,
+                }
+            }
+        };
+        let mut errors = self.write(ops);
+        errors += self.apply_tunnel(&desired.remotes).await;
+        self.report(started, errors, kind);
+    }
+
+    /// The periodic check (module docs): re-reads the map and diffs the
+    /// from-scratch desired state against it; a difference that is still
+    /// there after the changes in flight are applied is a correction.
+    pub async fn resync(&mut self) {
+        let started = Instant::now();
+        match read_map(&self.ipcache) {
+            Ok(actual) => self.actual = actual,
+            Err(e) => warn!(error = %e, "re-reading the ipcache map"),
+        }
+        self.last_plan = None;
+        let clusters = self.mesh.snapshot();
+        let desired = desired_state(&active_clusters(&clusters), &self.me);
+        let suspects: BTreeSet<IpNet> = diff(&desired.ipcache, &self.actual, self.sweeping)
+            .into_iter()
+            .map(|op| match op {
+                Op::Upsert(p, _) | Op::Delete(p) => p,
+            })
+            .collect();
+        if !suspects.is_empty() {
+            // Let the forwarders queue what the stores hold already, then
+            // apply it the normal way.
+            tokio::task::yield_now().await;
+            self.pass().await;
+        }
+        self.full_pass(started, Some(&suspects)).await;
+    }
+
+    fn update_sweeping(&mut self, clusters: &BTreeMap<String, ClusterEntry>) {
+        if self.sweeping {
+            return;
+        }
+        if all_synced(clusters) {
+            info!("every cluster synced; removing stale entries from now on");
+            self.sweeping = true;
+        } else if Instant::now() >= self.sync_deadline {
+            warn!("sync timeout passed before every cluster synced; removing stale entries anyway");
+            self.sweeping = true;
+        }
+    }
+
+    /// Writes `ops` to the map and `self.actual`; returns the failures.
+    fn write(&mut self, ops: Vec<Op<IpNet, IpcacheEntry>>) -> u64 {
         let mut errors = 0u64;
-        for op in diff(&desired.ipcache, &self.actual, self.sweeping) {
+        for op in ops {
             match op {
                 Op::Upsert(prefix, entry) => match self.ipcache.upsert(prefix, entry) {
                     Ok(()) => {
@@ -158,17 +326,35 @@ impl Reconciler {
                 },
             }
         }
-        errors += self.apply_tunnel(&desired.remotes).await;
-        let took = started.elapsed();
+        errors
+    }
+
+    fn report(&self, started: Instant, errors: u64, kind: PassKind) {
+        let took = started.elapsed().as_secs_f64();
         let entries = self.actual.len() as u64;
         let sweeping = self.sweeping;
+        let conflicts = self.index.as_ref().map_or(0, |(_, i)| i.conflicts());
         self.hub.update_reconcile(|r| {
             r.runs += 1;
             r.errors += errors;
             r.ipcache_entries = entries;
-            r.last_duration_seconds = took.as_secs_f64();
+            r.last_duration_seconds = took;
             r.sweeping = sweeping;
-            r.conflicts = desired.conflicts;
+            r.conflicts = conflicts;
+            match kind {
+                PassKind::Incremental { changes } => {
+                    r.incremental_passes += 1;
+                    r.changes_applied += changes;
+                }
+                PassKind::Full | PassKind::Resync { .. } => {
+                    r.full_passes += 1;
+                    r.last_full_duration_seconds = took;
+                }
+            }
+            if let PassKind::Resync { corrections } = kind {
+                r.resyncs += 1;
+                r.resync_corrections += corrections;
+            }
         });
     }
 
@@ -236,6 +422,15 @@ impl Reconciler {
             .then(|| routes::plan(self.tunnel.mode, &nodes, &self.tunnel.params));
         errors
     }
+}
+
+fn index_remotes(
+    index: &Option<(u64, Index<ClusterStores>)>,
+) -> BTreeMap<String, routes::RemoteNode> {
+    index
+        .as_ref()
+        .map(|(_, i)| i.remotes().clone())
+        .unwrap_or_default()
 }
 
 /// Whether every cluster that is not refused has synced.

@@ -927,6 +927,7 @@ mod tests {
             identities: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
             services: WatchStore::spawn(backend, scope.clone(), cfg).0,
             scope,
+            changes: Default::default(),
         };
         stores.services.wait_until_synced().await;
         ClusterEntry {

@@ -96,6 +96,26 @@ pub struct ReconcileStatus {
     /// Prefixes claimed by more than one record in the last pass.
     #[serde(default)]
     pub conflicts: u64,
+    /// Passes that applied queued changes through the index.
+    #[serde(default)]
+    pub incremental_passes: u64,
+    /// Changes (endpoints, nodes) those passes applied.
+    #[serde(default)]
+    pub changes_applied: u64,
+    /// Passes that recomputed everything (start, a connection added,
+    /// removed or synced, the sweep starting, and every resync).
+    #[serde(default)]
+    pub full_passes: u64,
+    /// Duration of the last full pass, in seconds.
+    #[serde(default)]
+    pub last_full_duration_seconds: f64,
+    /// Periodic resyncs done.
+    #[serde(default)]
+    pub resyncs: u64,
+    /// Map writes a resync had to make: the incremental passes left an
+    /// entry wrong, or someone else wrote the map. Zero when all is well.
+    #[serde(default)]
+    pub resync_corrections: u64,
 }
 
 /// The whole status document.
@@ -316,6 +336,42 @@ pub fn render_metrics(status: &AgentStatus) -> String {
         "counter",
         "Failed datapath or tunnel writes.",
         &[(String::new(), r.errors as f64)],
+    );
+    family(
+        "mesh_agent_reconcile_passes_total",
+        "counter",
+        "Reconcile passes by kind: incremental (queued changes) or full.",
+        &[
+            (
+                "{kind=\"incremental\"}".to_owned(),
+                r.incremental_passes as f64,
+            ),
+            ("{kind=\"full\"}".to_owned(), r.full_passes as f64),
+        ],
+    );
+    family(
+        "mesh_agent_reconcile_changes_total",
+        "counter",
+        "Endpoint and node changes applied by incremental passes.",
+        &[(String::new(), r.changes_applied as f64)],
+    );
+    family(
+        "mesh_agent_reconcile_full_duration_seconds",
+        "gauge",
+        "Duration of the last full reconcile pass.",
+        &[(String::new(), r.last_full_duration_seconds)],
+    );
+    family(
+        "mesh_agent_reconcile_resyncs_total",
+        "counter",
+        "Periodic resyncs (full pass over a re-read ipcache map).",
+        &[(String::new(), r.resyncs as f64)],
+    );
+    family(
+        "mesh_agent_reconcile_resync_corrections_total",
+        "counter",
+        "ipcache writes a resync had to make; non-zero means the incremental passes missed a change or someone else wrote the map.",
+        &[(String::new(), r.resync_corrections as f64)],
     );
     family(
         "mesh_agent_ipcache_entries",
