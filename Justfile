@@ -16,3 +16,7 @@ bench:
 lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
+
+# Build, bring up a two-cluster lab, show a cross-cluster request and the mesh status.
+demo *ARGS:
+    cargo xtask demo {{ARGS}}

@@ -429,8 +429,16 @@ fn lab_command(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 },
                 &progress,
             )?;
+            // Name the lab in the hints unless it is the default one, so
+            // they work when pasted.
+            let name = if lab.name == plan::DEFAULT_LAB {
+                String::new()
+            } else {
+                format!(" --name {}", lab.name)
+            };
             progress.note(format!(
-                "lab {} is up: `meshctl lab status`, `meshctl clustermesh status`, `meshctl lab down`; logs in {}",
+                "lab {} is up: `meshctl lab status{name}`, `meshctl clustermesh status{name}`, \
+                 `meshctl lab down{name}`; logs in {}",
                 lab.name,
                 Layout::new(&lab.dir).logs().display()
             ));
@@ -656,6 +664,7 @@ fn clustermesh_command(cli: &Cli, cmd: &ClustermeshCommand) -> Result<ExitCode> 
             unidirectional,
         } => {
             let mut state = load(cli)?;
+            let both = state.cluster(destination).is_some() && !unidirectional;
             if state.cluster(destination).is_some() {
                 lab::disconnect(&mut state, source, destination, !unidirectional)?;
             } else {
@@ -669,7 +678,11 @@ fn clustermesh_command(cli: &Cli, cmd: &ClustermeshCommand) -> Result<ExitCode> 
                     .retain(|c| !(c.source == *source && c.destination == *destination));
                 state.save()?;
             }
-            println!("disconnected {source} from {destination}");
+            if both {
+                println!("disconnected {source} <-> {destination}");
+            } else {
+                println!("disconnected {source} from {destination}");
+            }
         }
         ClustermeshCommand::Export {
             cluster,

@@ -14,20 +14,20 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-/// Debian packages needed by the build (protoc for etcd-client and tonic, clang for the eBPF
-/// programs) and by the tests (etcd, iproute2, iperf3, tcpdump, bpftool).
+/// Debian packages needed by the build (protoc for etcd-client and tonic, clang and the
+/// kernel headers it pulls in for the eBPF programs) and by the lab and the tests (etcd,
+/// iproute2, tcpdump, iperf3 for the benchmarks, procps for `sysctl` inside namespaces,
+/// bpftool for inspecting maps by hand).
 const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
     "clang",
-    "llvm",
-    "libbpf-dev",
     "bpftool",
     "iproute2",
     "iperf3",
     "tcpdump",
-    "openssl",
+    "procps",
 ];
 
 #[derive(Debug, Parser)]
@@ -82,7 +82,9 @@ fn demo(encryption: &str) -> Result<()> {
     if !is_root() {
         bail!("the lab needs root (network namespaces, eBPF): run `cargo xtask demo` as root");
     }
-    run(Command::new(cargo()).args(["build", "--workspace", "--bins"]))?;
+    // The same build as `cargo xtask test` (all targets: features are unified with the tests'
+    // dev-dependencies), so running one after the other rebuilds nothing.
+    run(Command::new(cargo()).args(["build", "--workspace", "--all-targets"]))?;
     let meshctl = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/debug/meshctl")
         .canonicalize()
