@@ -155,20 +155,28 @@ fn maglev_bench() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A datapath on a fresh bpffs with two local pods: 10.1.0.1 behind
+/// loopback (where test packets enter) and 10.1.0.2 behind ifindex 4242.
+fn two_pods() -> anyhow::Result<(common::Bpffs, Datapath)> {
+    let bpffs = common::Bpffs::new();
+    let dp = Datapath::load_or_adopt(bpffs.path())?;
+    let mut eps = dp.endpoints()?;
+    for (ip, ifindex, identity) in [("10.1.0.1", 1, 0x10100), ("10.1.0.2", 4242, 0x10101)] {
+        let ep = Endpoint {
+            ifindex,
+            identity,
+            endpoint_id: 1,
+            pod_mac: [2; 6],
+            host_mac: [4; 6],
+        };
+        eps.insert(ip.parse()?, ep)?;
+    }
+    Ok((bpffs, dp))
+}
+
 /// from_pod with service translation vs without, same run.
 fn service_bench() -> anyhow::Result<()> {
-    let bpffs = common::Bpffs::new();
-    let mut dp = Datapath::load_or_adopt(bpffs.path())?;
-    let mut eps = dp.endpoints()?;
-    let mk = |ifindex, identity| Endpoint {
-        ifindex,
-        identity,
-        endpoint_id: 1,
-        pod_mac: [2; 6],
-        host_mac: [4; 6],
-    };
-    eps.insert("10.1.0.1".parse()?, mk(1, 0x10100))?;
-    eps.insert("10.1.0.2".parse()?, mk(4242, 0x10101))?;
+    let (_bpffs, mut dp) = two_pods()?;
     let mut lb = dp.load_balancer()?;
     // 100 services with 10 backends each; the measured one has its backends
     // on the local pod's ports 8000..8010.
@@ -203,19 +211,8 @@ fn service_bench() -> anyhow::Result<()> {
 }
 
 fn test_run_bench() -> anyhow::Result<()> {
-    let bpffs = common::Bpffs::new();
-    let mut dp = Datapath::load_or_adopt(bpffs.path())?;
+    let (_bpffs, mut dp) = two_pods()?;
     dp.set_vxlan_ifindex(777)?;
-    let mut eps = dp.endpoints()?;
-    let mk = |ifindex, identity| Endpoint {
-        ifindex,
-        identity,
-        endpoint_id: 1,
-        pod_mac: [2; 6],
-        host_mac: [4; 6],
-    };
-    eps.insert("10.1.0.1".parse()?, mk(1, 0x10100))?;
-    eps.insert("10.1.0.2".parse()?, mk(4242, 0x10101))?;
     let mut ipc = dp.ipcache()?;
     // A realistically filled ipcache: 10k remote /32s and a /16 per cluster.
     for i in 0..10_000u32 {

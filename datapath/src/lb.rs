@@ -179,45 +179,19 @@ impl Backend {
     }
 }
 
-/// Service flags (`SERVICE_F_*`). The datapath does not act on them (the
-/// table contents carry affinity); they are stored so the maps say what the
-/// service is, e.g. for `meshctl`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct ServiceFlags(u32);
-
-impl ServiceFlags {
-    /// No flags.
-    pub const NONE: Self = Self(0);
+crate::flags::flag_set! {
+    /// Service flags (`SERVICE_F_*`). The datapath does not act on them (the
+    /// table contents carry affinity); they are stored so the maps say what
+    /// the service is, e.g. for `meshctl`.
+    pub struct ServiceFlags;
     /// `affinity: local`.
-    pub const AFFINITY_LOCAL: Self = Self(SERVICE_F_AFFINITY_LOCAL);
+    AFFINITY_LOCAL = SERVICE_F_AFFINITY_LOCAL;
     /// `affinity: remote`.
-    pub const AFFINITY_REMOTE: Self = Self(SERVICE_F_AFFINITY_REMOTE);
+    AFFINITY_REMOTE = SERVICE_F_AFFINITY_REMOTE;
     /// `shared` (exported to other clusters).
-    pub const SHARED: Self = Self(SERVICE_F_SHARED);
+    SHARED = SERVICE_F_SHARED;
     /// `global`.
-    pub const GLOBAL: Self = Self(SERVICE_F_GLOBAL);
-
-    /// The raw bits.
-    pub const fn bits(self) -> u32 {
-        self.0
-    }
-
-    /// Flags from raw bits (unknown bits kept).
-    pub const fn from_bits(bits: u32) -> Self {
-        Self(bits)
-    }
-
-    /// Whether every flag of `other` is set.
-    pub const fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0
-    }
-}
-
-impl std::ops::BitOr for ServiceFlags {
-    type Output = Self;
-    fn bitor(self, rhs: Self) -> Self {
-        Self(self.0 | rhs.0)
-    }
+    GLOBAL = SERVICE_F_GLOBAL;
 }
 
 /// What [`LoadBalancer::set_service`] did.

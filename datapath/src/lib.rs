@@ -167,6 +167,7 @@
 pub mod abi;
 mod attach;
 pub mod events;
+mod flags;
 pub mod lb;
 pub mod maglev;
 pub mod maps;

@@ -102,41 +102,14 @@ pub(crate) fn bytes_addr(family: u8, addr: [u8; 16]) -> Option<IpAddr> {
     }
 }
 
-/// Flags of an ipcache entry (`IPCACHE_F_*` in `datapath.h`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct IpcacheFlags(u32);
-
-impl IpcacheFlags {
-    /// No flags.
-    pub const NONE: Self = Self(0);
+crate::flags::flag_set! {
+    /// Flags of an ipcache entry (`IPCACHE_F_*` in `datapath.h`).
+    pub struct IpcacheFlags;
     /// The identity belongs to another cluster.
-    pub const REMOTE_CLUSTER: Self = Self(IPCACHE_F_REMOTE_CLUSTER);
+    REMOTE_CLUSTER = IPCACHE_F_REMOTE_CLUSTER;
     /// Encrypt: `from_pod` hands the packet to the kernel's routing (towards
     /// the WireGuard device) even when a tunnel endpoint is known.
-    pub const ENCRYPT: Self = Self(IPCACHE_F_ENCRYPT);
-
-    /// The raw bits as stored in the map.
-    pub const fn bits(self) -> u32 {
-        self.0
-    }
-
-    /// Flags from raw bits (unknown bits are kept, so a newer writer's
-    /// entries survive a read-modify-write by an older agent).
-    pub const fn from_bits(bits: u32) -> Self {
-        Self(bits)
-    }
-
-    /// Whether every flag of `other` is set.
-    pub const fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0
-    }
-}
-
-impl std::ops::BitOr for IpcacheFlags {
-    type Output = Self;
-    fn bitor(self, rhs: Self) -> Self {
-        Self(self.0 | rhs.0)
-    }
+    ENCRYPT = IPCACHE_F_ENCRYPT;
 }
 
 /// What the datapath knows about a prefix.

@@ -11,7 +11,7 @@ mod common;
 use std::{
     fs::File,
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     path::Path,
     sync::mpsc,
@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{run, traffic, Bpffs, Netns, Topology};
+use common::{packet, run, traffic, Bpffs, Netns, Topology};
 use datapath::{
     netns, AttachOutcome, Backend, Datapath, Endpoint, Frontend, HostDevice, IpcacheEntry,
     IpcacheFlags, LoadBalancer, Protocol, ServiceFlags,
@@ -147,9 +147,17 @@ impl Tun {
         Self { file }
     }
 
-    /// Hands one IP packet to the kernel as if it came out of the tunnel.
-    fn inject(&mut self, packet: &[u8]) {
-        let n = self.file.write(packet).expect("write to TUN");
+    /// Hands a UDP packet (TTL 64) to the kernel as if it came out of the
+    /// tunnel.
+    fn inject_udp(&mut self, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+        let packet = Packet {
+            src,
+            dst,
+            ttl: 64,
+            payload: payload.to_vec(),
+        }
+        .build();
+        let n = self.file.write(&packet).expect("write to TUN");
         assert_eq!(n, packet.len(), "TUN takes whole packets");
     }
 
@@ -190,107 +198,24 @@ struct Packet {
     payload: Vec<u8>,
 }
 
-/// The Internet checksum (RFC 1071) of `bytes`.
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum::<u32>();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// The UDP checksum: pseudo header (addresses, protocol 17, length) + datagram.
-fn udp_checksum(src: IpAddr, dst: IpAddr, udp: &[u8]) -> u16 {
-    let mut pseudo = Vec::new();
-    for ip in [src, dst] {
-        match ip {
-            IpAddr::V4(v4) => pseudo.extend_from_slice(&v4.octets()),
-            IpAddr::V6(v6) => pseudo.extend_from_slice(&v6.octets()),
-        }
-    }
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(udp);
-    match checksum(&pseudo) {
-        0 => 0xffff,
-        c => c,
-    }
-}
-
 impl Packet {
-    /// The IPv4 or IPv6 packet with correct IP and UDP checksums.
+    /// The IPv4 or IPv6 packet with valid IP and UDP checksums.
     fn build(&self) -> Vec<u8> {
-        let mut udp = Vec::new();
-        udp.extend_from_slice(&self.src.port().to_be_bytes());
-        udp.extend_from_slice(&self.dst.port().to_be_bytes());
-        udp.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
-        udp.extend_from_slice(&[0, 0]);
-        udp.extend_from_slice(&self.payload);
-        let sum = udp_checksum(self.src.ip(), self.dst.ip(), &udp);
-        udp[6..8].copy_from_slice(&sum.to_be_bytes());
-        let mut ip = match (self.src.ip(), self.dst.ip()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, self.ttl, 17, 0, 0];
-                ip[2..4].copy_from_slice(&((20 + udp.len()) as u16).to_be_bytes());
-                ip.extend_from_slice(&s.octets());
-                ip.extend_from_slice(&d.octets());
-                let c = checksum(&ip);
-                ip[10..12].copy_from_slice(&c.to_be_bytes());
-                ip
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let mut ip = vec![0x60, 0, 0, 0];
-                ip.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-                ip.extend_from_slice(&[17, self.ttl]);
-                ip.extend_from_slice(&s.octets());
-                ip.extend_from_slice(&d.octets());
-                ip
-            }
-            _ => panic!("mixed address families"),
-        };
-        ip.extend_from_slice(&udp);
-        ip
+        packet::l4_packet(packet::UDP, self.src, self.dst, self.ttl, &self.payload)
     }
 
-    /// Parses a UDP packet, checking the IPv4 header checksum and the UDP
-    /// checksum; `None` for anything else (or a bad checksum).
+    /// A UDP packet with valid checksums; `None` for anything else.
     fn parse(ip: &[u8]) -> Option<Self> {
-        let (src, dst, ttl, udp) = match ip.first()? >> 4 {
-            4 => {
-                let ihl = usize::from(ip[0] & 0xf) * 4;
-                if ip.len() < ihl + 8 || ip[9] != 17 || checksum(&ip[..ihl]) != 0 {
-                    return None;
-                }
-                let src: [u8; 4] = ip[12..16].try_into().ok()?;
-                let dst: [u8; 4] = ip[16..20].try_into().ok()?;
-                (IpAddr::from(src), IpAddr::from(dst), ip[8], &ip[ihl..])
-            }
-            6 => {
-                if ip.len() < 48 || ip[6] != 17 {
-                    return None;
-                }
-                let src: [u8; 16] = ip[8..24].try_into().ok()?;
-                let dst: [u8; 16] = ip[24..40].try_into().ok()?;
-                (IpAddr::from(src), IpAddr::from(dst), ip[7], &ip[40..])
-            }
-            _ => return None,
-        };
-        let sum = u16::from_be_bytes([udp[6], udp[7]]);
-        if !(sum == 0 && src.is_ipv4()) {
-            let mut zeroed = udp.to_vec();
-            zeroed[6..8].copy_from_slice(&[0, 0]);
-            if udp_checksum(src, dst, &zeroed) != sum {
-                return None;
-            }
+        let h = packet::parse(ip)?;
+        let ipv4_ok = ip[0] >> 4 != 4 || packet::checksum(&ip[..h.l4_offset]) == 0;
+        if h.proto != packet::UDP || !ipv4_ok || !packet::l4_checksum_ok(ip) {
+            return None;
         }
         Some(Self {
-            src: SocketAddr::new(src, u16::from_be_bytes([udp[0], udp[1]])),
-            dst: SocketAddr::new(dst, u16::from_be_bytes([udp[2], udp[3]])),
-            ttl,
-            payload: udp[8..].to_vec(),
+            src: h.src,
+            dst: h.dst,
+            ttl: h.ttl,
+            payload: ip.get(h.l4_offset + 8..)?.to_vec(),
         })
     }
 
@@ -436,6 +361,14 @@ fn udp_receiver(
     handle
 }
 
+/// What a [`udp_receiver`] got; panics with its error.
+fn received(receiver: JoinHandle<Result<Received, String>>) -> Received {
+    receiver
+        .join()
+        .expect("receiver thread")
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A packet from a remote pod written into the TUN (as WireGuard hands a
 /// decrypted packet to the kernel) reaches the local pod through
 /// `from_l3dev`, IPv4 and IPv6, with the hop limit decremented; the pod's
@@ -451,17 +384,8 @@ fn l3_device_delivers_to_pods_and_replies_leave_through_it() {
         let local = SocketAddr::new(local.parse().unwrap(), 7100);
         let remote = SocketAddr::new(remote.parse().unwrap(), 5555);
         let receiver = udp_receiver(&pod, local, None, None);
-        let incoming = Packet {
-            src: remote,
-            dst: local,
-            ttl: 64,
-            payload: b"through the tunnel".to_vec(),
-        };
-        node.tun.inject(&incoming.build());
-        let (from, payload, sock) = receiver
-            .join()
-            .expect("receiver thread")
-            .unwrap_or_else(|e| panic!("pod {local}: {e}"));
+        node.tun.inject_udp(remote, local, b"through the tunnel");
+        let (from, payload, sock) = received(receiver);
         assert_eq!((from, &payload[..]), (remote, &b"through the tunnel"[..]));
 
         // The reply: from_pod finds the remote prefix flagged ENCRYPT and
@@ -510,17 +434,8 @@ fn l3_device_reverse_translates_service_replies() {
             (backend, &b"question"[..]),
             "translated to the backend"
         );
-        let answer = Packet {
-            src: backend,
-            dst: client,
-            ttl: 64,
-            payload: b"answer".to_vec(),
-        };
-        node.tun.inject(&answer.build());
-        let (from, payload, _sock) = receiver
-            .join()
-            .expect("receiver thread")
-            .unwrap_or_else(|e| panic!("client {client}: {e}"));
+        node.tun.inject_udp(backend, client, b"answer");
+        let (from, payload, _sock) = received(receiver);
         assert_eq!(
             (from, &payload[..]),
             (frontend.addr, &b"answer"[..]),

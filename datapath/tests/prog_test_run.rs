@@ -6,7 +6,9 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use common::packet::{self, checksum, l4_checksum_ok};
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use datapath::{
@@ -37,51 +39,10 @@ fn v6(s: &str) -> IpAddr {
     IpAddr::V6(s.parse::<Ipv6Addr>().unwrap())
 }
 
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for chunk in bytes.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// An IP packet with a UDP header (ports 1234 → 80) and a small payload.
 fn ip_packet(src: IpAddr, dst: IpAddr, ttl: u8) -> Vec<u8> {
-    let payload = b"mesh-test-payload";
-    let udp_len = 8 + payload.len();
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&1234u16.to_be_bytes());
-    udp.extend_from_slice(&80u16.to_be_bytes());
-    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(payload);
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, ttl, 17, 0, 0];
-            ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
-            ip.extend_from_slice(&s.octets());
-            ip.extend_from_slice(&d.octets());
-            let c = checksum(&ip);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            ip.extend_from_slice(&udp);
-            ip
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut ip = vec![0x60, 0, 0, 0];
-            ip.extend_from_slice(&(udp_len as u16).to_be_bytes());
-            ip.push(17);
-            ip.push(ttl);
-            ip.extend_from_slice(&s.octets());
-            ip.extend_from_slice(&d.octets());
-            ip.extend_from_slice(&udp);
-            ip
-        }
-        _ => panic!("mixed families"),
-    }
+    let (src, dst) = (SocketAddr::new(src, 1234), SocketAddr::new(dst, 80));
+    packet::l4_packet(packet::UDP, src, dst, ttl, b"mesh-test-payload")
 }
 
 fn frame(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &[u8]) -> Vec<u8> {
@@ -537,103 +498,21 @@ async fn maps_round_trip_and_survive_reload() {
 
 // ---- services ----
 
-use std::net::SocketAddr;
-
 use datapath::{Backend, Frontend, Protocol, ServiceFlags};
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// The IPv4 or IPv6 pseudo header of `ip` (a whole IP packet) for its L4 part.
-fn pseudo_header(ip: &[u8]) -> (Vec<u8>, usize) {
-    let mut ph = Vec::new();
-    if ip[0] >> 4 == 4 {
-        let hl = usize::from(ip[0] & 0xf) * 4;
-        ph.extend_from_slice(&ip[12..20]);
-        ph.extend_from_slice(&[0, ip[9]]);
-        ph.extend_from_slice(&((ip.len() - hl) as u16).to_be_bytes());
-        (ph, hl)
-    } else {
-        ph.extend_from_slice(&ip[8..40]);
-        ph.extend_from_slice(&((ip.len() - 40) as u32).to_be_bytes());
-        ph.extend_from_slice(&[0, 0, 0, ip[6]]);
-        (ph, 40)
-    }
-}
-
-/// Whether the TCP/UDP checksum of an IP packet verifies (a real one's
-/// complement sum over pseudo header, header and payload).
-fn l4_checksum_ok(ip: &[u8]) -> bool {
-    let (mut all, hl) = pseudo_header(ip);
-    all.extend_from_slice(&ip[hl..]);
-    checksum(&all) == 0
-}
-
-/// A TCP (ACK, 20-byte header) or UDP packet with valid checksums.
+/// A TCP (ACK) or UDP packet with valid checksums.
 fn l4_packet(proto: Protocol, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    let payload = b"service-payload!";
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&src.port().to_be_bytes());
-    l4.extend_from_slice(&dst.port().to_be_bytes());
-    let csum_at = match proto {
-        Protocol::Tcp => {
-            l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
-            l4.extend_from_slice(&2000u32.to_be_bytes()); // ack
-            l4.extend_from_slice(&[0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
-            16
-        }
-        Protocol::Udp => {
-            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-            l4.extend_from_slice(&[0, 0]);
-            6
-        }
-    };
-    l4.extend_from_slice(payload);
-    let mut ip = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, proto.number(), 0, 0];
-            ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-            ip.extend_from_slice(&s.octets());
-            ip.extend_from_slice(&d.octets());
-            let c = checksum(&ip);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            ip
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut ip = vec![0x60, 0, 0, 0];
-            ip.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-            ip.extend_from_slice(&[proto.number(), 64]);
-            ip.extend_from_slice(&s.octets());
-            ip.extend_from_slice(&d.octets());
-            ip
-        }
-        _ => panic!("mixed families"),
-    };
-    let hl = ip.len();
-    ip.extend_from_slice(&l4);
-    let (mut all, _) = pseudo_header(&ip);
-    all.extend_from_slice(&ip[hl..]);
-    let c = checksum(&all);
-    ip[hl + csum_at..hl + csum_at + 2].copy_from_slice(&c.to_be_bytes());
-    assert!(l4_checksum_ok(&ip), "test packet checksum");
-    ip
+    packet::l4_packet(proto.number(), src, dst, 64, b"service-payload!")
 }
 
 /// (source, destination) socket addresses of an Ethernet frame's IP packet.
 fn endpoints_of(frame: &[u8]) -> (SocketAddr, SocketAddr) {
-    let ip = &frame[14..];
-    let (s, d, hl): (IpAddr, IpAddr, usize) = if ip[0] >> 4 == 4 {
-        let s: [u8; 4] = ip[12..16].try_into().unwrap();
-        let d: [u8; 4] = ip[16..20].try_into().unwrap();
-        (s.into(), d.into(), usize::from(ip[0] & 0xf) * 4)
-    } else {
-        let s: [u8; 16] = ip[8..24].try_into().unwrap();
-        let d: [u8; 16] = ip[24..40].try_into().unwrap();
-        (s.into(), d.into(), 40)
-    };
-    let port = |at: usize| u16::from_be_bytes([ip[hl + at], ip[hl + at + 1]]);
-    (SocketAddr::new(s, port(0)), SocketAddr::new(d, port(2)))
+    let h = packet::parse(&frame[14..]).expect("an IP packet");
+    (h.src, h.dst)
 }
 
 /// Checks the IPv4 header checksum (if IPv4) and the L4 checksum.

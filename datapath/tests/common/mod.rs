@@ -12,6 +12,7 @@ use std::{
 
 use datapath::{netns, Datapath, Endpoint};
 
+pub mod packet;
 pub mod traffic;
 
 /// True when the test may run; false (after saying why) when it must skip.
@@ -334,94 +335,24 @@ pub fn setup_pod(node: &str, pod: &str, host_if: &str, v4: &str, v6: &str) {
         "eth0", "netns", pod,
     ]);
     run(&["ip", "-n", node, "link", "set", host_if, "up"]);
-    let host_mac = mac_of(node, host_if);
-    let host_mac = host_mac
+    let host_mac = mac_of(node, host_if)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
     for cmd in [
-        vec!["ip", "-n", pod, "link", "set", "eth0", "mtu", "1450", "up"],
-        vec![
-            "ip",
-            "-n",
-            pod,
-            "addr",
-            "add",
-            &format!("{v4}/32"),
-            "dev",
-            "eth0",
-        ],
-        vec![
-            "ip",
-            "-n",
-            pod,
-            "-6",
-            "addr",
-            "add",
-            &format!("{v6}/128"),
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-        vec![
-            "ip",
-            "-n",
-            pod,
-            "route",
-            "add",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ],
-        vec![
-            "ip",
-            "-n",
-            pod,
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-        ],
-        vec![
-            "ip", "-n", pod, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-        ],
-        vec![
-            "ip",
-            "-n",
-            pod,
-            "neigh",
-            "add",
-            "169.254.1.1",
-            "lladdr",
-            &host_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "ip",
-            "-n",
-            pod,
-            "-6",
-            "neigh",
-            "add",
-            "fe80::1",
-            "lladdr",
-            &host_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
+        "link set eth0 mtu 1450 up".to_owned(),
+        format!("addr add {v4}/32 dev eth0"),
+        format!("-6 addr add {v6}/128 dev eth0 nodad"),
+        "route add 169.254.1.1 dev eth0 scope link".to_owned(),
+        "route add default via 169.254.1.1 dev eth0".to_owned(),
+        "-6 route add default via fe80::1 dev eth0".to_owned(),
+        format!("neigh add 169.254.1.1 lladdr {host_mac} dev eth0 nud permanent"),
+        format!("-6 neigh add fe80::1 lladdr {host_mac} dev eth0 nud permanent"),
     ] {
-        run(&cmd);
+        let mut args = vec!["ip", "-n", pod];
+        args.extend(cmd.split_whitespace());
+        run(&args);
     }
     // Unprivileged-style ICMP echo sockets for the ping checks.
     ns(
