@@ -41,7 +41,8 @@ pub struct Args {
     /// Address of the HTTP /healthz, /readyz and /metrics endpoints; "" disables it.
     #[arg(long, env = "MESH_HEALTH_LISTEN", default_value = "0.0.0.0:9871")]
     pub health_listen: String,
-    /// Where nodes, endpoints and services come from: only `standalone` for now.
+    /// Where nodes, endpoints and services come from: `standalone` (node agents
+    /// register over gRPC). `kubernetes` is planned but not built yet.
     #[arg(long, env = "MESH_SOURCE", default_value = "standalone")]
     pub source: String,
     /// How long a node's registrations outlive its ended session (e.g. 30s, 2m).
@@ -59,7 +60,8 @@ pub struct Args {
     pub drain_timeout: String,
 }
 
-/// The local source of nodes, endpoints and services.
+/// The local source of nodes, endpoints and services ([`crate::source`]).
+/// Only sources that are built are listed; `--source kubernetes` is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// Node agents register over gRPC; meshctl declares services.
@@ -202,8 +204,20 @@ impl TryFrom<Args> for Config {
         };
         let source = match args.source.as_str() {
             "standalone" => Some(Source::Standalone),
+            "kubernetes" => {
+                bad.push(
+                    "source",
+                    "kubernetes",
+                    "the kubernetes source is not built yet; use \"standalone\"",
+                );
+                None
+            }
             other => {
-                bad.push("source", other, "only \"standalone\" is supported");
+                bad.push(
+                    "source",
+                    other,
+                    "unknown source; \"standalone\" is the only one built (\"kubernetes\" is planned)",
+                );
                 None
             }
         };
@@ -371,6 +385,26 @@ mod tests {
         assert!(
             text.contains("--cluster-id \"300\": must be in 1..=255"),
             "{text}"
+        );
+        assert!(
+            text.contains("--source \"kubernetes\": the kubernetes source is not built yet"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_source_is_refused() {
+        let err = args(&[
+            "--cluster-name=c1",
+            "--cluster-id=1",
+            "--etcd-endpoints=http://127.0.0.1:2379",
+            "--source=agents",
+        ])
+        .unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration:\n  --source \"agents\": unknown source; \"standalone\" is the only one built (\"kubernetes\" is planned)"
         );
     }
 

@@ -1,20 +1,22 @@
-//! Protobuf requests → validated registry records.
+//! Protobuf requests → registry records, and back for the read RPCs.
 //!
-//! Every check here is syntactic and needs no state; each failure names the
-//! field as a path into the request (`endpoint.ips[1]`) so that the gRPC status
-//! tells the caller exactly what to fix. Checks against the registry (node
-//! registered, IP inside the node's pod CIDRs) live in [`crate::registry`].
+//! This is the standalone source's wire format and nothing more: it parses
+//! text into typed values (an IP string into an [`IpAddr`], a `uint32` port
+//! into a `u16`, an enum number into its variant) and fills in the wire
+//! defaults (an empty `endpoint.node` is the session's node, an empty service
+//! account is `default`, an absent `shared` is true). Each failure names the
+//! field as a path into the request (`endpoint.ips[1]`). Every rule about the
+//! values themselves is checked by the registry ([`crate::registry`]), the
+//! same for every source.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::net::IpAddr;
 
-use base64::Engine as _;
 use ipnet::IpNet;
 use mesh_proto::v1 as pb;
 
 use crate::{
     model::{
-        Affinity, EndpointSpec, Labels, NamedPort, NodeSpec, Protocol, ServicePort, ServiceSpec,
-        TargetPort,
+        Affinity, EndpointSpec, NamedPort, NodeSpec, Protocol, ServicePort, ServiceSpec, TargetPort,
     },
     registry::FieldError,
     validate,
@@ -22,21 +24,17 @@ use crate::{
 
 type Result<T> = std::result::Result<T, FieldError>;
 
-fn check(field: impl FnOnce() -> String, r: std::result::Result<(), String>) -> Result<()> {
-    r.map_err(|reason| FieldError::new(field(), reason))
-}
-
 fn ip(field: impl FnOnce() -> String, text: &str) -> Result<IpAddr> {
     text.parse()
         .map_err(|_| FieldError::new(field(), format!("{text:?} is not an IP address")))
 }
 
-fn labels(field: &str, map: &std::collections::HashMap<String, String>) -> Result<Labels> {
-    for (k, v) in map {
-        check(|| format!("{field}[{k:?}]"), validate::label_key(k))?;
-        check(|| format!("{field}[{k:?}]"), validate::label_value(v))?;
-    }
-    Ok(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+fn ips(field: &str, texts: &[String]) -> Result<Vec<IpAddr>> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ip(|| format!("{field}[{i}]"), t))
+        .collect()
 }
 
 fn protocol(field: impl FnOnce() -> String, value: i32) -> Result<Protocol> {
@@ -52,222 +50,94 @@ fn protocol(field: impl FnOnce() -> String, value: i32) -> Result<Protocol> {
 }
 
 fn port(field: impl FnOnce() -> String, value: u32) -> Result<u16> {
-    u16::try_from(value)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| FieldError::new(field(), format!("{value} is not a port in 1..=65535")))
+    validate::port(value).map_err(|reason| FieldError::new(field(), reason))
 }
 
-fn one_per_family(field: &str, ips: &[IpAddr]) -> Result<()> {
-    for (i, ip) in ips.iter().enumerate() {
-        if ips[..i].iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
-            return Err(FieldError::new(
-                format!("{field}[{i}]"),
-                "at most one IPv4 and one IPv6 address",
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Validates a node of a `RegisterNode` request for the session's node.
+/// Parses the node of a `RegisterNode` request.
 ///
 /// # Errors
 ///
-/// The first invalid field.
-pub fn node(session_node: &str, node: Option<pb::Node>) -> Result<NodeSpec> {
+/// The first field that does not parse.
+pub fn node(node: Option<pb::Node>) -> Result<NodeSpec> {
     let node = node.ok_or_else(|| FieldError::new("node", "missing"))?;
-    check(|| "node.name".into(), validate::dns_subdomain(&node.name))?;
-    if node.name != session_node {
-        return Err(FieldError::new(
-            "node.name",
-            format!("the session belongs to node {session_node:?}"),
-        ));
-    }
-    let internal_ips = node
-        .internal_ips
-        .iter()
-        .enumerate()
-        .map(|(i, t)| ip(|| format!("node.internal_ips[{i}]"), t))
-        .collect::<Result<Vec<_>>>()?;
-    if internal_ips.is_empty() {
-        return Err(FieldError::new(
-            "node.internal_ips",
-            "at least one is required",
-        ));
-    }
-    let cilium_internal_ips = node
-        .cilium_internal_ips
-        .iter()
-        .enumerate()
-        .map(|(i, t)| ip(|| format!("node.cilium_internal_ips[{i}]"), t))
-        .collect::<Result<Vec<_>>>()?;
     let pod_cidrs = node
         .pod_cidrs
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let net: IpNet = t.parse().map_err(|_| {
+            t.parse::<IpNet>().map_err(|_| {
                 FieldError::new(
                     format!("node.pod_cidrs[{i}]"),
                     format!("{t:?} is not a CIDR"),
                 )
-            })?;
-            if net.trunc() != net {
-                return Err(FieldError::new(
-                    format!("node.pod_cidrs[{i}]"),
-                    format!("{t} has host bits set (network is {})", net.trunc()),
-                ));
-            }
-            Ok(net)
+            })
         })
         .collect::<Result<Vec<_>>>()?;
-    if !node.wireguard_public_key.is_empty() {
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(&node.wireguard_public_key)
-            .ok();
-        if key.map(|k| k.len()) != Some(32) {
-            return Err(FieldError::new(
-                "node.wireguard_public_key",
-                "not a base64 32-byte key",
-            ));
-        }
-    }
     Ok(NodeSpec {
-        name: node.name,
-        internal_ips,
-        cilium_internal_ips,
+        internal_ips: ips("node.internal_ips", &node.internal_ips)?,
+        cilium_internal_ips: ips("node.cilium_internal_ips", &node.cilium_internal_ips)?,
         pod_cidrs,
+        name: node.name,
         wireguard_public_key: node.wireguard_public_key,
-        labels: labels("node.labels", &node.labels)?,
+        labels: node.labels.into_iter().collect(),
     })
 }
 
-/// Validates an endpoint of an `UpsertEndpoint` request for the session's node.
+/// Parses the endpoint of an `UpsertEndpoint` request of a session of
+/// `session_node`.
 ///
 /// # Errors
 ///
-/// The first invalid field.
+/// The first field that does not parse.
 pub fn endpoint(session_node: &str, ep: Option<pb::Endpoint>) -> Result<EndpointSpec> {
     let ep = ep.ok_or_else(|| FieldError::new("endpoint", "missing"))?;
-    check(
-        || "endpoint.namespace".into(),
-        validate::dns_label(&ep.namespace, 63),
-    )?;
-    check(|| "endpoint.name".into(), validate::dns_subdomain(&ep.name))?;
-    if ep.uid.len() > 128 || ep.uid.contains(['/', ';', '"']) {
-        return Err(FieldError::new(
-            "endpoint.uid",
-            "at most 128 characters without '/', ';' or '\"'",
-        ));
-    }
-    let service_account = if ep.service_account.is_empty() {
-        "default".to_owned()
-    } else {
-        check(
-            || "endpoint.service_account".into(),
-            validate::dns_subdomain(&ep.service_account),
-        )?;
-        ep.service_account
-    };
-    let node = if ep.node.is_empty() {
-        session_node.to_owned()
-    } else if ep.node != session_node {
-        return Err(FieldError::new(
-            "endpoint.node",
-            format!(
-                "the session belongs to node {session_node:?}, not {:?}",
-                ep.node
-            ),
-        ));
-    } else {
-        ep.node
-    };
-    let ips = ep
-        .ips
-        .iter()
-        .enumerate()
-        .map(|(i, t)| ip(|| format!("endpoint.ips[{i}]"), t))
-        .collect::<Result<Vec<_>>>()?;
-    if ips.is_empty() {
-        return Err(FieldError::new("endpoint.ips", "at least one is required"));
-    }
-    one_per_family("endpoint.ips", &ips)?;
-    let mut names = BTreeSet::new();
+    let ips = ips("endpoint.ips", &ep.ips)?;
     let named_ports = ep
         .named_ports
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let field = || format!("endpoint.named_ports[{i}]");
-            check(|| format!("{}.name", field()), validate::port_name(&p.name))?;
-            if !names.insert(p.name.clone()) {
-                return Err(FieldError::new(
-                    format!("{}.name", field()),
-                    format!("duplicate port name {:?}", p.name),
-                ));
-            }
+            let field = |f: &str| format!("endpoint.named_ports[{i}].{f}");
             Ok(NamedPort {
                 name: p.name.clone(),
-                port: port(|| format!("{}.port", field()), p.port)?,
-                protocol: protocol(|| format!("{}.protocol", field()), p.protocol)?,
+                port: port(|| field("port"), p.port)?,
+                protocol: protocol(|| field("protocol"), p.protocol)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(EndpointSpec {
+        ips,
+        named_ports,
+        service_account: if ep.service_account.is_empty() {
+            "default".to_owned()
+        } else {
+            ep.service_account
+        },
+        node: if ep.node.is_empty() {
+            session_node.to_owned()
+        } else {
+            ep.node
+        },
         namespace: ep.namespace,
         name: ep.name,
         uid: ep.uid,
-        service_account,
-        ips,
-        labels: labels("endpoint.labels", &ep.labels)?,
-        named_ports,
-        node,
+        labels: ep.labels.into_iter().collect(),
     })
 }
 
-/// Validates a service of an `UpsertService` request.
+/// Parses the service of an `UpsertService` request.
 ///
 /// # Errors
 ///
-/// The first invalid field.
+/// The first field that does not parse.
 pub fn service(svc: Option<pb::Service>) -> Result<ServiceSpec> {
     let svc = svc.ok_or_else(|| FieldError::new("service", "missing"))?;
-    check(
-        || "service.namespace".into(),
-        validate::dns_label(&svc.namespace, 63),
-    )?;
-    check(|| "service.name".into(), validate::dns_label(&svc.name, 63))?;
-    let frontend_ips = svc
-        .frontend_ips
-        .iter()
-        .enumerate()
-        .map(|(i, t)| ip(|| format!("service.frontend_ips[{i}]"), t))
-        .collect::<Result<Vec<_>>>()?;
-    one_per_family("service.frontend_ips", &frontend_ips)?;
-    let mut names = BTreeSet::new();
     let ports = svc
         .ports
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let field = |f: &str| format!("service.ports[{i}].{f}");
-            if p.name.is_empty() {
-                if svc.ports.len() > 1 {
-                    return Err(FieldError::new(
-                        field("name"),
-                        "required when the service has more than one port",
-                    ));
-                }
-            } else {
-                check(|| field("name"), validate::port_name(&p.name))?;
-            }
-            if !names.insert(p.name.clone()) {
-                return Err(FieldError::new(
-                    field("name"),
-                    format!("duplicate port name {:?}", p.name),
-                ));
-            }
             let number = port(|| field("port"), p.port)?;
             let target = match &p.target {
                 None => TargetPort::Number(number),
@@ -275,7 +145,6 @@ pub fn service(svc: Option<pb::Service>) -> Result<ServiceSpec> {
                     TargetPort::Number(port(|| field("target_port_number"), *n)?)
                 }
                 Some(pb::service_port::Target::TargetPortName(name)) => {
-                    check(|| field("target_port_name"), validate::port_name(name))?;
                     TargetPort::Name(name.clone())
                 }
             };
@@ -299,12 +168,12 @@ pub fn service(svc: Option<pb::Service>) -> Result<ServiceSpec> {
         }
     };
     Ok(ServiceSpec {
-        selector: labels("service.selector", &svc.selector)?,
-        labels: labels("service.labels", &svc.labels)?,
+        frontend_ips: ips("service.frontend_ips", &svc.frontend_ips)?,
+        ports,
+        selector: svc.selector.into_iter().collect(),
+        labels: svc.labels.into_iter().collect(),
         namespace: svc.namespace,
         name: svc.name,
-        frontend_ips,
-        ports,
         global: svc.global,
         shared: svc.shared.unwrap_or(true),
         affinity,

@@ -18,7 +18,7 @@ use kvstore::{SyncStore, SyncStoreConfig};
 
 use crate::{
     model::{NodeSpec, ObjectKey, PortConfig, Protocol},
-    registry::{Dirty, Registry},
+    registry::{Dirty, Table},
 };
 
 /// Kinds exported, as named in `Status` and in metrics.
@@ -70,8 +70,8 @@ impl ClusterInfo {
     }
 
     /// The ipcache entry of `ip`, if an endpoint owns it.
-    pub fn ip_record(&self, registry: &Registry, ip: IpAddr) -> Option<IpcacheEntry> {
-        let view = registry.ip_view(ip)?;
+    pub fn ip_record(&self, table: &Table, ip: IpAddr) -> Option<IpcacheEntry> {
+        let view = table.ip_view(ip)?;
         let spec = &view.endpoint.spec;
         let mut entry =
             IpcacheEntry::new(ip, NumericIdentity(view.endpoint.identity), view.host_ip);
@@ -93,8 +93,8 @@ impl ClusterInfo {
 
     /// The exported record of a service: only global services are exported;
     /// `shared=false` exports it without this cluster's backends.
-    pub fn service_record(&self, registry: &Registry, key: &ObjectKey) -> Option<ClusterService> {
-        let view = registry.service_view(key)?;
+    pub fn service_record(&self, table: &Table, key: &ObjectKey) -> Option<ClusterService> {
+        let view = table.service_view(key)?;
         let spec = view.spec;
         if !spec.global {
             return None;
@@ -160,9 +160,9 @@ impl Exporter {
     }
 
     /// Renders the dirty keys again and hands them to the stores.
-    pub fn apply(&self, registry: &Registry, dirty: &Dirty) {
+    pub fn apply(&self, table: &Table, dirty: &Dirty) {
         for name in &dirty.nodes {
-            match registry.node(name) {
+            match table.node(name) {
                 Some(spec) => self.nodes.upsert(&self.info.node_record(spec)),
                 None => self
                     .nodes
@@ -170,13 +170,13 @@ impl Exporter {
             }
         }
         for ip in &dirty.ips {
-            match self.info.ip_record(registry, *ip) {
+            match self.info.ip_record(table, *ip) {
                 Some(entry) => self.ips.upsert(&entry),
                 None => self.ips.delete_key(&keys::ip_key(*ip)),
             }
         }
         for key in &dirty.services {
-            match self.info.service_record(registry, key) {
+            match self.info.service_record(table, key) {
                 Some(svc) => self.services.upsert(&svc),
                 None => self.services.delete_key(&keys::service_key(
                     &self.info.name,
@@ -187,16 +187,20 @@ impl Exporter {
         }
     }
 
-    /// Exports the whole registry (at start) and declares the initial state
-    /// complete, so that adopted keys nobody claims are removed and the
-    /// canaries are written.
-    pub fn initial(&self, registry: &Registry) {
+    /// Exports the whole table (the registry restored at start). Adopted
+    /// keys it lacks stay until [`Exporter::synced`].
+    pub fn export_all(&self, table: &Table) {
         let dirty = Dirty {
-            nodes: registry.nodes().map(|n| n.name.clone()).collect(),
-            ips: registry.claimed_ips().collect(),
-            services: registry.services().map(|s| s.key()).collect(),
+            nodes: table.nodes().map(|n| n.name.clone()).collect(),
+            ips: table.claimed_ips().collect(),
+            services: table.services().map(|s| s.key()).collect(),
         };
-        self.apply(registry, &dirty);
+        self.apply(table, &dirty);
+    }
+
+    /// Declares the initial state complete (the local source has synced):
+    /// adopted keys nobody claimed are removed and the canaries written.
+    pub fn synced(&self) {
         self.nodes.synced();
         self.ips.synced();
         self.services.synced();

@@ -6,7 +6,7 @@
 //! * `/metrics`: Prometheus text format: exported records per kind, etcd
 //!   errors, sessions, readiness.
 
-use std::{convert::Infallible, fmt::Write as _, sync::atomic::Ordering, sync::Arc};
+use std::{convert::Infallible, fmt::Write as _, sync::atomic::Ordering};
 
 use http_body_util::Full;
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
@@ -14,14 +14,14 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::server::State;
+use crate::registry::Registry;
 
-/// Renders the metrics of `state` in the Prometheus text format.
-pub async fn render_metrics(state: &State) -> String {
+/// Renders the metrics of `registry` in the Prometheus text format.
+pub async fn render_metrics(registry: &Registry) -> String {
     let mut out = String::new();
     out.push_str("# HELP mesh_apiserver_exported Records exported to etcd, per kind.\n");
     out.push_str("# TYPE mesh_apiserver_exported gauge\n");
-    for (kind, n) in state.exported_counts().await {
+    for (kind, n) in registry.exported_counts().await {
         let _ = writeln!(out, "mesh_apiserver_exported{{kind=\"{kind}\"}} {n}");
     }
     out.push_str(
@@ -31,34 +31,34 @@ pub async fn render_metrics(state: &State) -> String {
     let _ = writeln!(
         out,
         "mesh_apiserver_etcd_errors_total {}",
-        state.etcd_errors()
+        registry.etcd_errors()
     );
     out.push_str("# HELP mesh_apiserver_ready Initial export synced and etcd connected.\n");
     out.push_str("# TYPE mesh_apiserver_ready gauge\n");
     let _ = writeln!(
         out,
         "mesh_apiserver_ready {}",
-        u8::from(state.counters.ready.load(Ordering::Relaxed))
+        u8::from(registry.counters().ready.load(Ordering::Relaxed))
     );
     out.push_str("# HELP mesh_apiserver_etcd_connected Last etcd write succeeded.\n");
     out.push_str("# TYPE mesh_apiserver_etcd_connected gauge\n");
     let _ = writeln!(
         out,
         "mesh_apiserver_etcd_connected {}",
-        u8::from(state.counters.etcd_connected.load(Ordering::Relaxed))
+        u8::from(registry.counters().etcd_connected.load(Ordering::Relaxed))
     );
     out
 }
 
 async fn handle(
-    state: Arc<State>,
+    registry: Registry,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
         "/readyz" => {
-            let ready = state.counters.ready.load(Ordering::Relaxed)
-                && state.counters.etcd_connected.load(Ordering::Relaxed);
+            let ready = registry.counters().ready.load(Ordering::Relaxed)
+                && registry.counters().etcd_connected.load(Ordering::Relaxed);
             if ready {
                 (StatusCode::OK, "ready\n".to_owned())
             } else {
@@ -68,7 +68,7 @@ async fn handle(
                 )
             }
         }
-        "/metrics" => (StatusCode::OK, render_metrics(&state).await),
+        "/metrics" => (StatusCode::OK, render_metrics(&registry).await),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -83,7 +83,7 @@ async fn handle(
 }
 
 /// Serves until the task is aborted.
-pub async fn serve(listener: TcpListener, state: Arc<State>) {
+pub async fn serve(listener: TcpListener, registry: Registry) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -92,9 +92,9 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
-        let state = Arc::clone(&state);
+        let registry = registry.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(Arc::clone(&state), req));
+            let service = service_fn(move |req| handle(registry.clone(), req));
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await

@@ -1,39 +1,43 @@
-//! The apiserver's state and its gRPC API (`mesh.v1.Registry`).
+//! The standalone source: the gRPC API (`mesh.v1.Registry`) through which
+//! node agents register their node and endpoints and `meshctl` declares
+//! services. It implements [`LocalSource`]; every write goes through the
+//! [`Registry`] handle, which validates, allocates, persists and exports.
+//! This module owns only what is particular to the gRPC front end: parsing
+//! the messages ([`crate::convert`]), sessions, and mapping
+//! [`RegistryError`] to gRPC status codes.
 //!
-//! Every mutation runs under one async lock over the [`Registry`]: validate,
-//! allocate the identity, apply, persist, hand the dirty keys to the exporter,
-//! answer. Serialising mutations keeps the persisted registry, the identity
-//! reference counts and the export in the same order as the requests, which is
-//! what makes a restart exact. Reads take the same lock briefly.
+//! Sessions: a node agent's `OpenSession` stream owns its node; its writes
+//! are made as [`Owner::Session`]. When the stream ends (the agent's receiver
+//! is dropped), a timer of `session_grace` starts; a new session for the same
+//! node name cancels it and takes over without deleting anything; otherwise
+//! the node and its endpoints go. Nodes restored from etcd at start get the
+//! same timer, so an agent that does not come back is removed.
 //!
-//! Sessions: a node agent's `OpenSession` stream owns its node. When the
-//! stream ends (the agent's receiver is dropped), a timer of `session_grace`
-//! starts; a new session for the same node name cancels it and takes over
-//! without deleting anything; otherwise the node and its endpoints go.
+//! The source is synced as soon as it runs: its first full listing is the
+//! registry restored from etcd.
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     pin::Pin,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex as StdMutex,
-    },
+    sync::{atomic::Ordering, Arc, Mutex as StdMutex},
     time::Duration,
 };
 
 use futures::Stream;
 use mesh_proto::v1 as pb;
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
 use crate::{
     convert,
-    export::{ClusterInfo, Exporter},
-    identity::{label_string, Allocator},
-    model::{EndpointSpec, ObjectKey},
-    persist::{PersistError, Persistence},
-    registry::{EndpointEntry, FieldError, Registry},
+    model::ObjectKey,
+    registry::{EndpointEntry, FieldError, Owner, Registry, RegistryError, Table},
+    source::LocalSource,
     validate,
 };
 
@@ -55,36 +59,89 @@ struct Sessions {
     by_node: HashMap<String, NodeSession>,
 }
 
-/// Counters shown by `Status` and `/metrics`.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub etcd_errors: AtomicU64,
-    pub etcd_connected: AtomicBool,
-    pub ready: AtomicBool,
+/// The standalone source, its gRPC listener bound.
+#[derive(Debug)]
+pub struct Standalone {
+    listener: TcpListener,
+    session_grace: Duration,
 }
 
-/// The shared state behind the gRPC service and the background tasks.
-pub struct State {
-    pub(crate) info: ClusterInfo,
-    pub(crate) registry: Mutex<Registry>,
-    pub(crate) exporter: Exporter,
-    pub(crate) allocator: Arc<Allocator>,
-    persistence: Persistence,
+impl Standalone {
+    /// Binds the gRPC listener.
+    ///
+    /// # Errors
+    ///
+    /// When the address cannot be bound.
+    pub async fn bind(addr: SocketAddr, session_grace: Duration) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            session_grace,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+}
+
+impl LocalSource for Standalone {
+    type Error = tonic::transport::Error;
+
+    async fn run(
+        self,
+        registry: Registry,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), Self::Error> {
+        let state = Arc::new(State {
+            registry: registry.clone(),
+            sessions: StdMutex::new(Sessions::default()),
+            session_grace: self.session_grace,
+            shutdown: watch::Sender::new(false),
+        });
+        let restored: Vec<String> = registry
+            .read()
+            .await
+            .nodes()
+            .map(|n| n.name.clone())
+            .collect();
+        state.detach_restored(restored);
+        registry.synced().await;
+
+        let service = pb::registry_server::RegistryServer::new(RegistryService(Arc::clone(&state)));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
+        let stopping = Arc::clone(&state);
+        // Session streams never finish by themselves: end them when shutdown
+        // begins, or the graceful shutdown would wait for them forever.
+        let shutdown = async move {
+            shutdown.await;
+            stopping.shut_down();
+        };
+        let result = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        state.shut_down();
+        result
+    }
+}
+
+/// The state of the gRPC front end.
+struct State {
+    registry: Registry,
     sessions: StdMutex<Sessions>,
     session_grace: Duration,
-    pub(crate) counters: Counters,
     /// Set when the server shuts down: session streams end, grace timers are
     /// dropped (a successor restores the nodes and starts its own).
     shutdown: watch::Sender<bool>,
-    /// Bumped whenever a service or the backends it selects changed; each
-    /// `WatchServices` stream sends a fresh snapshot when it moves.
-    services_generation: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
-            .field("cluster", &self.info.name)
+            .field("registry", &self.registry)
             .finish_non_exhaustive()
     }
 }
@@ -93,52 +150,24 @@ fn invalid(e: FieldError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// The gRPC status of a refused or failed registry write.
+fn status(e: RegistryError) -> Status {
+    match e {
+        RegistryError::Invalid(e) => invalid(e),
+        e @ RegistryError::NotOwner { .. } => Status::permission_denied(e.to_string()),
+        RegistryError::Persist(e) => Status::unavailable(format!("etcd: {e}")),
+        RegistryError::Identity(e) => Status::unavailable(format!("identity allocation: {e}")),
+    }
+}
+
 impl State {
-    pub(crate) fn new(
-        info: ClusterInfo,
-        registry: Registry,
-        exporter: Exporter,
-        allocator: Arc<Allocator>,
-        persistence: Persistence,
-        session_grace: Duration,
-    ) -> Self {
-        Self {
-            info,
-            registry: Mutex::new(registry),
-            exporter,
-            allocator,
-            persistence,
-            sessions: StdMutex::new(Sessions::default()),
-            session_grace,
-            counters: Counters::default(),
-            shutdown: watch::Sender::new(false),
-            services_generation: watch::Sender::new(0),
-        }
-    }
-
-    /// Hands the dirty keys of a mutation to the exporter and wakes the
-    /// `WatchServices` streams when a service's view changed.
-    fn publish(&self, registry: &Registry, dirty: &crate::registry::Dirty) {
-        self.exporter.apply(registry, dirty);
-        if !dirty.services.is_empty() {
-            self.services_generation
-                .send_modify(|g| *g = g.wrapping_add(1));
-        }
-    }
-
     /// Ends every session stream and grace timer; nothing is removed.
-    pub(crate) fn shut_down(&self) {
+    fn shut_down(&self) {
         self.shutdown.send_replace(true);
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn persist_failed(&self, e: PersistError) -> Status {
-        self.counters.etcd_errors.fetch_add(1, Ordering::Relaxed);
-        warn!(error = %e, "registry write to etcd failed");
-        Status::unavailable(format!("etcd: {e}"))
     }
 
     /// The node a session owns, if the session is current.
@@ -156,7 +185,7 @@ impl State {
 
     /// Starts the grace timer of every node restored from etcd: their agents
     /// have one grace period to open a session again.
-    pub(crate) fn detach_restored(self: &Arc<Self>, nodes: Vec<String>) {
+    fn detach_restored(self: &Arc<Self>, nodes: Vec<String>) {
         for node in nodes {
             let id = new_session_id();
             {
@@ -224,113 +253,13 @@ impl State {
                     }
                 }
                 info!(node = %node, "grace period over, removing the node and its endpoints");
-                if let Err(e) = state.remove_node(&node).await {
+                let owner = Owner::Session { node: node.clone() };
+                if let Err(e) = state.registry.delete_node(&owner, &node).await {
                     warn!(node = %node, error = %e, "removing an expired node failed");
                 }
             }
             .in_current_span(),
         );
-    }
-
-    async fn remove_node(&self, node: &str) -> Result<(), Status> {
-        let mut registry = self.registry.lock().await;
-        let (dirty, removed) = registry.remove_node(node);
-        for entry in &removed {
-            self.persistence
-                .delete_endpoint(&entry.spec.key())
-                .await
-                .map_err(|e| self.persist_failed(e))?;
-            self.allocator.release(&self.labels_of(&entry.spec)).await;
-        }
-        self.persistence
-            .delete_node(node)
-            .await
-            .map_err(|e| self.persist_failed(e))?;
-        self.publish(&registry, &dirty);
-        Ok(())
-    }
-
-    pub(crate) fn labels_of(&self, spec: &EndpointSpec) -> String {
-        label_string(&spec.labels, &spec.namespace, self.info.name.as_str())
-    }
-
-    async fn upsert_endpoint(&self, node: &str, ep: Option<pb::Endpoint>) -> Result<u32, Status> {
-        let spec = convert::endpoint(node, ep).map_err(invalid)?;
-        let mut registry = self.registry.lock().await;
-        registry.check_endpoint(&spec).map_err(invalid)?;
-        let labels = self.labels_of(&spec);
-        let identity = self.allocator.acquire(&labels).await.map_err(|e| {
-            self.counters.etcd_errors.fetch_add(1, Ordering::Relaxed);
-            Status::unavailable(format!("identity allocation: {e}"))
-        })?;
-        let key = spec.key();
-        let outcome = match registry.upsert_endpoint(spec, identity) {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                self.allocator.release(&labels).await;
-                return Err(invalid(e));
-            }
-        };
-        if let Some(previous) = &outcome.previous {
-            self.allocator
-                .release(&self.labels_of(&previous.spec))
-                .await;
-        }
-        let entry = registry.endpoint(&key).cloned();
-        if let Some(entry) = entry {
-            self.persistence
-                .put_endpoint(&entry)
-                .await
-                .map_err(|e| self.persist_failed(e))?;
-        }
-        self.publish(&registry, &outcome.dirty);
-        match outcome.conflicts.first() {
-            None => Ok(identity),
-            Some(c) => Err(Status::invalid_argument(format!(
-                "endpoint.ips[{}]: {} is already owned by endpoint {}; this endpoint is registered \
-                 and takes the IP over when that endpoint is deleted",
-                c.index, c.ip, c.owner
-            ))),
-        }
-    }
-
-    async fn delete_endpoint(&self, node: &str, key: ObjectKey) -> Result<bool, Status> {
-        let mut registry = self.registry.lock().await;
-        match registry.endpoint(&key) {
-            None => return Ok(false),
-            Some(entry) if entry.spec.node != node => {
-                return Err(Status::permission_denied(format!(
-                    "endpoint {key} belongs to node {:?}, not to this session's node {node:?}",
-                    entry.spec.node
-                )))
-            }
-            Some(_) => {}
-        }
-        let (dirty, removed) = registry.delete_endpoint(&key);
-        self.persistence
-            .delete_endpoint(&key)
-            .await
-            .map_err(|e| self.persist_failed(e))?;
-        if let Some(entry) = removed {
-            self.allocator.release(&self.labels_of(&entry.spec)).await;
-        }
-        self.publish(&registry, &dirty);
-        Ok(true)
-    }
-
-    /// Counts of what is exported now, per kind of [`crate::export::KINDS`].
-    pub async fn exported_counts(&self) -> [(&'static str, u64); 4] {
-        [
-            ("nodes", self.exporter.nodes.len() as u64),
-            ("ipcache", self.exporter.ips.len() as u64),
-            ("identities", self.allocator.count().await as u64),
-            ("services", self.exporter.services.len() as u64),
-        ]
-    }
-
-    /// Failed etcd requests: registry writes, identity allocation, export.
-    pub fn etcd_errors(&self) -> u64 {
-        self.counters.etcd_errors.load(Ordering::Relaxed) + self.exporter.errors()
     }
 }
 
@@ -344,9 +273,9 @@ fn new_session_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// The gRPC service over a shared [`State`].
+/// The gRPC service over the shared [`State`].
 #[derive(Debug)]
-pub struct RegistryService(pub Arc<State>);
+struct RegistryService(Arc<State>);
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;
 type ServicesStream = Pin<Box<dyn Stream<Item = Result<pb::ListServicesResponse, Status>> + Send>>;
@@ -409,16 +338,15 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
         let req = request.into_inner();
-        let node = self.0.session_node(&req.session_id)?;
-        let spec = convert::node(&node, req.node).map_err(invalid)?;
-        let mut registry = self.0.registry.lock().await;
+        let owner = Owner::Session {
+            node: self.0.session_node(&req.session_id)?,
+        };
+        let spec = convert::node(req.node).map_err(invalid)?;
         self.0
-            .persistence
-            .put_node(&spec)
+            .registry
+            .upsert_node(&owner, spec)
             .await
-            .map_err(|e| self.0.persist_failed(e))?;
-        let dirty = registry.upsert_node(spec);
-        self.0.publish(&registry, &dirty);
+            .map_err(status)?;
         Ok(Response::new(pb::RegisterNodeResponse {}))
     }
 
@@ -428,8 +356,20 @@ impl pb::registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::UpsertEndpointResponse>, Status> {
         let req = request.into_inner();
         let node = self.0.session_node(&req.session_id)?;
-        let identity = self.0.upsert_endpoint(&node, req.endpoint).await?;
-        Ok(Response::new(pb::UpsertEndpointResponse { identity }))
+        let spec = convert::endpoint(&node, req.endpoint).map_err(invalid)?;
+        let owner = Owner::Session { node };
+        let upserted = self
+            .0
+            .registry
+            .upsert_endpoint(&owner, spec)
+            .await
+            .map_err(status)?;
+        match upserted.conflicts.first() {
+            None => Ok(Response::new(pb::UpsertEndpointResponse {
+                identity: upserted.identity,
+            })),
+            Some(conflict) => Err(Status::invalid_argument(conflict.to_string())),
+        }
     }
 
     async fn delete_endpoint(
@@ -437,11 +377,15 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<pb::DeleteEndpointRequest>,
     ) -> Result<Response<pb::DeleteEndpointResponse>, Status> {
         let req = request.into_inner();
-        let node = self.0.session_node(&req.session_id)?;
+        let owner = Owner::Session {
+            node: self.0.session_node(&req.session_id)?,
+        };
         let existed = self
             .0
-            .delete_endpoint(&node, ObjectKey::new(&req.namespace, &req.name))
-            .await?;
+            .registry
+            .delete_endpoint(&owner, &ObjectKey::new(&req.namespace, &req.name))
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::DeleteEndpointResponse { existed }))
     }
 
@@ -450,14 +394,11 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<pb::UpsertServiceRequest>,
     ) -> Result<Response<pb::UpsertServiceResponse>, Status> {
         let spec = convert::service(request.into_inner().service).map_err(invalid)?;
-        let mut registry = self.0.registry.lock().await;
         self.0
-            .persistence
-            .put_service(&spec)
+            .registry
+            .upsert_service(&Owner::Source, spec)
             .await
-            .map_err(|e| self.0.persist_failed(e))?;
-        let dirty = registry.upsert_service(spec);
-        self.0.publish(&registry, &dirty);
+            .map_err(status)?;
         Ok(Response::new(pb::UpsertServiceResponse {}))
     }
 
@@ -466,25 +407,20 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<pb::DeleteServiceRequest>,
     ) -> Result<Response<pb::DeleteServiceResponse>, Status> {
         let req = request.into_inner();
-        let key = ObjectKey::new(&req.namespace, &req.name);
-        let mut registry = self.0.registry.lock().await;
-        let Some(dirty) = registry.delete_service(&key) else {
-            return Ok(Response::new(pb::DeleteServiceResponse { existed: false }));
-        };
-        self.0
-            .persistence
-            .delete_service(&key)
+        let existed = self
+            .0
+            .registry
+            .delete_service(&Owner::Source, &ObjectKey::new(&req.namespace, &req.name))
             .await
-            .map_err(|e| self.0.persist_failed(e))?;
-        self.0.publish(&registry, &dirty);
-        Ok(Response::new(pb::DeleteServiceResponse { existed: true }))
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteServiceResponse { existed }))
     }
 
     async fn list_nodes(
         &self,
         _request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let registry = self.0.registry.lock().await;
+        let registry = self.0.registry.read().await;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: registry.nodes().map(convert::node_to_proto).collect(),
         }))
@@ -495,7 +431,7 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<pb::ListEndpointsRequest>,
     ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
         let node = request.into_inner().node;
-        let registry = self.0.registry.lock().await;
+        let registry = self.0.registry.read().await;
         let endpoints = registry
             .endpoints()
             .filter(|e| node.is_empty() || e.spec.node == node)
@@ -512,7 +448,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         _request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        let registry = self.0.registry.lock().await;
+        let registry = self.0.registry.read().await;
         Ok(Response::new(services_snapshot(&registry)))
     }
 
@@ -522,7 +458,7 @@ impl pb::registry_server::Registry for RegistryService {
     ) -> Result<Response<ServicesStream>, Status> {
         let (tx, rx) = mpsc::channel(1);
         let state = Arc::clone(&self.0);
-        let mut generation = self.0.services_generation.subscribe();
+        let mut generation = self.0.registry.watch_services();
         let mut shutdown = self.0.shutdown.subscribe();
         tokio::spawn(
             async move {
@@ -530,7 +466,7 @@ impl pb::registry_server::Registry for RegistryService {
                     // Mark the current generation seen before reading, so a
                     // change during the read triggers another snapshot.
                     generation.borrow_and_update();
-                    let snapshot = services_snapshot(&*state.registry.lock().await);
+                    let snapshot = services_snapshot(&*state.registry.read().await);
                     tokio::select! {
                         () = stopped(&mut shutdown) => return,
                         sent = tx.send(Ok(snapshot)) => if sent.is_err() { return },
@@ -554,8 +490,9 @@ impl pb::registry_server::Registry for RegistryService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let state = &self.0;
-        let synced = state.counters.ready.load(Ordering::Relaxed);
-        let kinds = state
+        let registry = &state.registry;
+        let synced = registry.counters().ready.load(Ordering::Relaxed);
+        let kinds = registry
             .exported_counts()
             .await
             .into_iter()
@@ -566,20 +503,20 @@ impl pb::registry_server::Registry for RegistryService {
             })
             .collect();
         Ok(Response::new(pb::StatusResponse {
-            cluster_name: state.info.name.to_string(),
-            cluster_id: state.info.id.get().into(),
-            etcd_connected: state.counters.etcd_connected.load(Ordering::Relaxed),
+            cluster_name: registry.info().name.to_string(),
+            cluster_id: registry.info().id.get().into(),
+            etcd_connected: registry.counters().etcd_connected.load(Ordering::Relaxed),
             synced,
             kinds,
             sessions: state.sessions().by_id.len() as u64,
-            etcd_errors: state.etcd_errors(),
+            etcd_errors: registry.etcd_errors(),
         }))
     }
 }
 
 /// Every service with its selected local backends (`ListServices`, and each
 /// message of `WatchServices`).
-fn services_snapshot(registry: &Registry) -> pb::ListServicesResponse {
+fn services_snapshot(registry: &Table) -> pb::ListServicesResponse {
     let services = registry
         .services()
         .filter_map(|s| registry.service_view(&s.key()))
@@ -603,34 +540,4 @@ fn services_snapshot(registry: &Registry) -> pb::ListServicesResponse {
         })
         .collect();
     pb::ListServicesResponse { services }
-}
-
-/// Puts the persisted registry back: nodes, services, endpoints with their
-/// identities (adopted when the number still holds, allocated otherwise).
-///
-/// # Errors
-///
-/// When an identity cannot be allocated.
-pub(crate) async fn restore(
-    snapshot: crate::persist::Snapshot,
-    allocator: &Allocator,
-    cluster: &str,
-) -> Result<(Registry, Vec<EndpointEntry>), crate::identity::IdentityError> {
-    let mut registry = Registry::default();
-    let mut renumbered = Vec::new();
-    for node in snapshot.nodes {
-        registry.upsert_node(node);
-    }
-    for service in snapshot.services {
-        registry.upsert_service(service);
-    }
-    for mut entry in snapshot.endpoints {
-        let labels = label_string(&entry.spec.labels, &entry.spec.namespace, cluster);
-        if !allocator.adopt(&labels, entry.identity).await? {
-            entry.identity = allocator.acquire(&labels).await?;
-            renumbered.push(entry.clone());
-        }
-        registry.restore_endpoint(entry);
-    }
-    Ok((registry, renumbered))
 }

@@ -109,6 +109,14 @@ pub fn port_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Port number: 1..=65535 (wire formats carry it in a wider integer).
+pub fn port(value: u32) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{value} is not a port in 1..=65535"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +149,8 @@ mod tests {
         assert!(port_name("8080").is_err());
         assert!(port_name("a--b").is_err());
         assert!(port_name("abcdefghijklmnop").is_err());
+        assert_eq!(port(80), Ok(80));
+        assert!(port(0).is_err());
+        assert!(port(70_000).is_err());
     }
 }

@@ -1,4 +1,5 @@
-//! The in-memory registry: nodes, endpoints with their IP claims, services.
+//! The registry's in-memory table: nodes, endpoints with their IP claims,
+//! services.
 //!
 //! It is sans-IO: every mutation returns what it made dirty (node names, IPs,
 //! services), and the exporter renders exactly those keys again from the new
@@ -67,12 +68,26 @@ impl Dirty {
     }
 }
 
-/// An IP an endpoint claimed but another endpoint owns.
+/// An IP an endpoint claimed but another endpoint owns. The endpoint is
+/// registered all the same and waits in line for the IP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
+    /// Position of the IP in the endpoint's `ips`.
     pub index: usize,
     pub ip: IpAddr,
+    /// The endpoint that owns the IP now.
     pub owner: ObjectKey,
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "endpoint.ips[{}]: {} is already owned by endpoint {}; this endpoint is registered \
+             and takes the IP over when that endpoint is deleted",
+            self.index, self.ip, self.owner
+        )
+    }
 }
 
 /// What an endpoint upsert did.
@@ -102,7 +117,7 @@ pub struct ServiceView<'a> {
 
 /// Nodes, endpoints and services of this cluster.
 #[derive(Debug, Default)]
-pub struct Registry {
+pub struct Table {
     nodes: BTreeMap<String, NodeSpec>,
     endpoints: BTreeMap<ObjectKey, EndpointEntry>,
     /// IP → claims in order (sequence → endpoint); the first is the owner.
@@ -111,7 +126,7 @@ pub struct Registry {
     next_claim: u64,
 }
 
-impl Registry {
+impl Table {
     pub fn nodes(&self) -> impl Iterator<Item = &NodeSpec> {
         self.nodes.values()
     }
@@ -202,7 +217,7 @@ impl Registry {
     ///
     /// # Errors
     ///
-    /// As [`Registry::check_endpoint`]; nothing changes then.
+    /// As [`Table::check_endpoint`]; nothing changes then.
     pub fn upsert_endpoint(
         &mut self,
         spec: EndpointSpec,
@@ -428,8 +443,8 @@ mod tests {
 
     use crate::model::Labels;
 
-    fn registry() -> Registry {
-        let mut r = Registry::default();
+    fn registry() -> Table {
+        let mut r = Table::default();
         r.upsert_node(node("n1", "10.1.1.0/24", "192.168.1.1"));
         r
     }
