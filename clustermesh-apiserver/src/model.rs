@@ -1,5 +1,5 @@
-//! The registry's own records: what node agents and meshctl declared, after
-//! validation.
+//! The registry's own records: what the local source declared (node agents
+//! and meshctl in standalone mode), checked by [`crate::registry`].
 //!
 //! These are neither the protobuf messages (which accept anything and are
 //! checked in [`crate::convert`]) nor the exported Cilium records (which are

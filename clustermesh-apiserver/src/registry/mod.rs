@@ -9,7 +9,7 @@
 //! [`Registry::delete_service`], [`Registry::retain`] and, once,
 //! [`Registry::synced`]. Each write runs under one async lock:
 //!
-//! 1. check the record ([`check`], then against the table: node registered,
+//! 1. check the record (module `check`, then against the table: node registered,
 //!    IP inside its pod CIDRs) and the caller's [`Owner`]ship;
 //! 2. allocate the endpoint's identity ([`crate::identity`]);
 //! 3. apply it to the sans-IO [`Table`], which answers with the keys it made
