@@ -15,7 +15,7 @@
 //!
 //! When the set of connections that count changes (a cluster added,
 //! removed, refused or reconnected, a store synced, a queue overflowed, the
-//! sweep started), the queued changes are dropped, the index is rebuilt from
+//! sweep started), or a map write failed, the queued changes are dropped, the index is rebuilt from
 //! the stores, and [`desired_state`], computed from scratch, is diffed
 //! against the map ([`diff`]). Every [`RESYNC_PERIOD`] the reconciler runs a
 //! **resync**: it applies what is queued, re-reads the map, and diffs the
@@ -26,7 +26,8 @@
 //! prefix. Non-zero means that the incremental path missed something, or
 //! that someone else wrote the map. A difference is only counted when it
 //! survives applying the changes that were in flight while it was found, so
-//! churn during the resync is not mistaken for a correction.
+//! churn during the resync is not mistaken for a correction, and not when
+//! the prefix's last write failed (that is counted in `errors` already).
 //!
 //! **Restart.** The ipcache map is pinned and adopted: at start the
 //! reconciler reads what it holds (the previous run's entries) as the
@@ -90,6 +91,10 @@ pub struct Reconciler {
     /// The incremental view, and the [`Mesh::version`] it was built at
     /// (`None`: not built yet).
     index: Option<(u64, Index<ClusterStores>)>,
+    /// Prefixes whose last write failed (counted in `errors`; retried by
+    /// the next write of the prefix or the next full pass, and not counted
+    /// again as resync corrections).
+    failed: BTreeSet<IpNet>,
 }
 
 /// Errors of the reconciler's setup.
@@ -136,6 +141,7 @@ impl Reconciler {
             sweeping: false,
             last_plan: None,
             index: None,
+            failed: BTreeSet::new(),
         })
     }
 
@@ -161,11 +167,13 @@ impl Reconciler {
     }
 
     /// Applies whatever changed since the last pass: incrementally, or by a
-    /// full pass when the connections that count changed (module docs).
+    /// full pass when the connections that count changed or a write failed
+    /// (module docs).
     pub async fn pass(&mut self) {
         let started = Instant::now();
         let structural = match &self.index {
             None => true,
+            Some(_) if !self.failed.is_empty() => true,
             Some((version, _)) => {
                 *version != self.mesh.version()
                     || (!self.sweeping && Instant::now() >= self.sync_deadline)
@@ -242,7 +250,7 @@ impl Reconciler {
                     .map(|op| match op {
                         Op::Upsert(p, _) | Op::Delete(p) => *p,
                     })
-                    .filter(|p| suspects.contains(p))
+                    .filter(|p| suspects.contains(p) && !self.failed.contains(p))
                     .collect();
                 if !corrected.is_empty() {
                     warn!(
@@ -309,18 +317,22 @@ impl Reconciler {
                 Op::Upsert(prefix, entry) => match self.ipcache.upsert(prefix, entry) {
                     Ok(()) => {
                         self.actual.insert(prefix, entry);
+                        self.failed.remove(&prefix);
                     }
                     Err(e) => {
                         errors += 1;
+                        self.failed.insert(prefix);
                         warn!(%prefix, error = %e, "ipcache upsert failed");
                     }
                 },
                 Op::Delete(prefix) => match self.ipcache.remove(prefix) {
                     Ok(_) => {
                         self.actual.remove(&prefix);
+                        self.failed.remove(&prefix);
                     }
                     Err(e) => {
                         errors += 1;
+                        self.failed.insert(prefix);
                         warn!(%prefix, error = %e, "ipcache delete failed");
                     }
                 },

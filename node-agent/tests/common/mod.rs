@@ -258,9 +258,28 @@ impl ClusterLab {
         self.dir.join(name)
     }
 
+    /// Starts the agent in the node's namespace (it reaches the etcds and
+    /// its apiserver through the relays).
     pub fn start_agent(&mut self) {
+        let netns = self.node_ns.clone();
+        self.spawn_agent(Some(&netns));
+    }
+
+    /// Starts the agent in the caller's network namespace: it reaches the
+    /// etcds and its apiserver directly, with no relay in between. For the
+    /// benchmark, which runs in a private namespace of its own; pods cannot
+    /// be attached to such an agent (its node has no underlay device).
+    pub fn start_agent_in_current_netns(&mut self) {
+        self.spawn_agent(None);
+    }
+
+    fn spawn_agent(&mut self, netns: Option<&str>) {
         let etcd_port = port_of(&self.etcd.endpoint());
-        let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_node-agent"));
+        if let Some(ns) = netns {
+            command.arg(format!("--netns={ns}"));
+        }
+        let child = command
             .arg(format!("--cluster-name={}", self.name))
             .arg(format!("--cluster-id={}", self.id))
             .arg("--node-name=node1")
@@ -277,7 +296,6 @@ impl ClusterLab {
             ))
             .arg(format!("--encryption={}", self.encryption))
             .arg("--sync-timeout=30")
-            .arg(format!("--netns={}", self.node_ns))
             .arg(format!("--bpffs={}", self.path("bpf").display()))
             .arg(format!("--state-dir={}", self.path("state").display()))
             .arg(format!("--cni-socket={}", self.path("cni.sock").display()))
