@@ -275,6 +275,8 @@ impl ClusterLab {
 
     fn spawn_agent(&mut self, netns: Option<&str>) {
         let etcd_port = port_of(&self.etcd.endpoint());
+        let log = File::create(self.path(&format!("agent-{}.log", self.agent_runs())))
+            .expect("create the agent's log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_node-agent"));
         if let Some(ns) = netns {
             command.arg(format!("--netns={ns}"));
@@ -304,12 +306,9 @@ impl ClusterLab {
                 self.path("status.sock").display()
             ))
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(
-                File::create(self.path(&format!("agent-{}.log", self.agent_runs())))
-                    .map(Stdio::from)
-                    .unwrap_or_else(|_| Stdio::inherit()),
-            )
+            // The agent logs to stdout; both streams go to the log file.
+            .stdout(log.try_clone().map_or_else(|_| Stdio::null(), Stdio::from))
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("start node-agent");
         self.agent = Some(child);
