@@ -963,6 +963,112 @@ mod tests {
         assert_eq!(files.keys().collect::<Vec<_>>(), ["c2"]);
     }
 
+    /// Hands out one in-memory backend, as an etcd connection would.
+    struct Memory(Arc<kvstore::MemoryBackend>);
+
+    impl Connector for Memory {
+        fn connect<'a>(
+            &'a self,
+            _cluster: &'a str,
+            _source: &'a EtcdSource,
+        ) -> BoxFuture<'a, Result<Arc<dyn ListWatch>, ClusterError>> {
+            let backend: Arc<dyn ListWatch> = self.0.clone();
+            Box::pin(async move { Ok(backend) })
+        }
+    }
+
+    /// A real cluster task over the in-memory backend: its stores' endpoint
+    /// and node events are queued for the reconciler by record, `Synced`
+    /// asks for a full pass, and identity records queue nothing.
+    #[tokio::test]
+    async fn store_events_are_queued_for_the_reconciler() {
+        use kvstore::KvWrite as _;
+        let backend = Arc::new(kvstore::MemoryBackend::new());
+        let name: ClusterName = "c2".parse().unwrap();
+        let max = api::MaxConnectedClusters::Max255;
+        let id = api::ClusterId::new(2, max).unwrap();
+        let mut config = api::ClusterConfig::new(id, max, false);
+        config.capabilities.synced_canaries = false;
+        kvstore::write_cluster_config(backend.as_ref(), &name, &config, None)
+            .await
+            .unwrap();
+        let ctx = Context {
+            mesh: Arc::default(),
+            hub: Arc::default(),
+            connector: Arc::new(Memory(backend.clone())),
+            local_name: "c1".into(),
+            local_id: 1,
+            max_connected: 255,
+            backoff: (Duration::from_millis(10), Duration::from_millis(100)),
+        };
+        let task = ctx.spawn_cluster("c2".into(), EtcdSource::Endpoints(Vec::new()), false);
+        let deadline = Duration::from_secs(10);
+        let stores = testkit::wait_for(deadline, "c2's stores synced", || async {
+            ctx.mesh
+                .snapshot()
+                .get("c2")
+                .and_then(|e| e.current.clone())
+                .filter(|s| s.synced().all())
+        })
+        .await;
+        testkit::eventually!(deadline, "a full pass asked for by Synced", {
+            stores.changes.take().full
+        });
+
+        let mut node = Node::new("m1", name.clone(), id);
+        node.set_address(api::AddressType::InternalIp, "192.168.2.2".parse().unwrap());
+        let ep = IpcacheEntry::new(
+            "10.2.1.9".parse().unwrap(),
+            api::NumericIdentity(131_372),
+            Some("192.168.2.2".parse().unwrap()),
+        );
+        backend
+            .put(
+                "cilium/state/identities/v1/id/131372",
+                b"k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c2;",
+                None,
+            )
+            .await
+            .unwrap();
+        backend
+            .put(&node.key(), &node.encode(), None)
+            .await
+            .unwrap();
+        backend.put(&ep.key(), &ep.encode(), None).await.unwrap();
+        backend.delete(&ep.key()).await.unwrap();
+        let seen = Mutex::new(Vec::new());
+        testkit::eventually!(deadline, "one node and two endpoint changes", {
+            let mut seen = seen.lock().unwrap();
+            seen.extend(stores.changes.take().changes);
+            seen.len() >= 3
+        });
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            seen,
+            [
+                Change::Endpoint(ep.ip),
+                Change::Endpoint(ep.ip),
+                Change::Node("m1".into())
+            ]
+        );
+        assert_eq!(stores.identities.len(), 1, "the identity was read");
+        task.abort();
+    }
+
+    #[test]
+    fn a_full_queue_asks_for_a_full_pass_instead() {
+        let changes = Changes::default();
+        for i in 0..Changes::MAX_PENDING {
+            changes.push(Change::Node(i.to_string()));
+        }
+        changes.push(Change::Node("one too many".into()));
+        let pending = changes.take();
+        assert!(pending.full);
+        assert!(pending.changes.is_empty());
+        assert_eq!(changes.take(), Pending::default());
+    }
+
     #[test]
     fn claims_refuse_a_second_owner_and_release_on_drop() {
         let mesh = Mesh::default();
