@@ -243,3 +243,201 @@ async fn export_waits_for_the_source_to_be_synced() {
         .unwrap()
         .unwrap();
 }
+
+/// How [`GatedRegistry`] treats puts of persisted endpoints.
+#[derive(Debug, Clone)]
+enum EndpointPuts {
+    Pass,
+    /// Hold the put until this key is in etcd: it only succeeds when the
+    /// export does not wait for the persist.
+    AfterExported(String),
+    Refuse,
+}
+
+/// The in-memory backend with control over the registry's endpoint writes
+/// (`mesh/registry/v1/c1/endpoints/...`); everything else passes through.
+#[derive(Clone)]
+struct GatedRegistry {
+    memory: MemoryBackend,
+    puts: Arc<std::sync::Mutex<EndpointPuts>>,
+}
+
+impl GatedRegistry {
+    fn set(&self, puts: EndpointPuts) {
+        *self.puts.lock().unwrap() = puts;
+    }
+}
+
+#[async_trait::async_trait]
+impl kvstore::ListWatch for GatedRegistry {
+    async fn list(&self, prefix: &str) -> Result<kvstore::Listing, kvstore::BackendError> {
+        self.memory.list(prefix).await
+    }
+
+    async fn watch(
+        &self,
+        prefix: &str,
+        from: kvstore::Revision,
+    ) -> Result<kvstore::WatchStream, kvstore::BackendError> {
+        self.memory.watch(prefix, from).await
+    }
+}
+
+#[async_trait::async_trait]
+impl kvstore::KvWrite for GatedRegistry {
+    async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<kvstore::LeaseId>,
+    ) -> Result<kvstore::Revision, kvstore::BackendError> {
+        if key.starts_with(&format!("{}endpoints/", persist::prefix("c1"))) {
+            let puts = self.puts.lock().unwrap().clone();
+            match puts {
+                EndpointPuts::Pass => {}
+                EndpointPuts::Refuse => return Err(kvstore::BackendError::Unavailable),
+                EndpointPuts::AfterExported(exported) => {
+                    let memory = self.memory.clone();
+                    let seen = tokio::time::timeout(DEADLINE, async move {
+                        while !memory.dump().contains_key(&exported) {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    })
+                    .await;
+                    if seen.is_err() {
+                        return Err(kvstore::BackendError::Unavailable);
+                    }
+                }
+            }
+        }
+        self.memory.put(key, value, lease).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, kvstore::BackendError> {
+        self.memory.delete(key).await
+    }
+}
+
+#[async_trait::async_trait]
+impl kvstore::Leases for GatedRegistry {
+    async fn grant(&self, ttl: Duration) -> Result<kvstore::LeaseId, kvstore::BackendError> {
+        self.memory.grant(ttl).await
+    }
+
+    async fn keep_alive(&self, lease: kvstore::LeaseId) -> Result<Duration, kvstore::BackendError> {
+        self.memory.keep_alive(lease).await
+    }
+
+    async fn revoke(&self, lease: kvstore::LeaseId) -> Result<(), kvstore::BackendError> {
+        self.memory.revoke(lease).await
+    }
+}
+
+#[async_trait::async_trait]
+impl kvstore::Transactions for GatedRegistry {
+    async fn txn(&self, txn: &kvstore::Txn) -> Result<kvstore::TxnOutcome, kvstore::BackendError> {
+        self.memory.txn(txn).await
+    }
+}
+
+fn endpoint_with(name: &str, ips: &[&str], app: &str) -> EndpointSpec {
+    EndpointSpec {
+        name: name.into(),
+        ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        ..endpoint()
+    }
+}
+
+fn exported_identity(memory: &MemoryBackend, ip: &str) -> Option<u32> {
+    let value = memory.dump().remove(&keys::ip_key(ip.parse().unwrap()))?;
+    let entry: api::IpcacheEntry = serde_json::from_slice(&value).unwrap();
+    Some(entry.id.0)
+}
+
+#[tokio::test]
+async fn endpoint_export_does_not_wait_for_the_persist_and_is_undone_when_it_fails() {
+    let memory = MemoryBackend::new();
+    let gated = GatedRegistry {
+        memory: memory.clone(),
+        puts: Arc::new(std::sync::Mutex::new(EndpointPuts::Pass)),
+    };
+    let registry = Registry::open(
+        Arc::new(gated.clone()),
+        Arc::new(memory.clone()),
+        &config(),
+        &SyncStoreConfig::default(),
+    )
+    .await
+    .unwrap();
+    let owner = Owner::Source;
+    let mut dual_stack = node("n1", "10.1.1.0/24");
+    dual_stack.pod_cidrs.push("fd00:1::/64".parse().unwrap());
+    registry.upsert_node(&owner, dual_stack).await.unwrap();
+    registry.synced().await;
+
+    // The persist of web-1 completes only once its ipcache key is exported.
+    gated.set(EndpointPuts::AfterExported(keys::ip_key(
+        "10.1.1.5".parse().unwrap(),
+    )));
+    let web = registry
+        .upsert_endpoint(&owner, endpoint_with("web-1", &["10.1.1.5"], "web"))
+        .await
+        .expect("the export to write the ipcache key while the entry is persisted")
+        .identity;
+    let persisted_key = format!("{}endpoints/default/web-1", persist::prefix("c1"));
+    let persisted = memory.dump()[&persisted_key].clone();
+
+    // A relabel that also claims a second IP, and a new endpoint, both
+    // refused by the registry's persistence: the export goes back to what
+    // the registry holds.
+    gated.set(EndpointPuts::Refuse);
+    let relabel = registry
+        .upsert_endpoint(
+            &owner,
+            endpoint_with("web-1", &["10.1.1.5", "fd00:1::6"], "db"),
+        )
+        .await;
+    assert!(
+        matches!(relabel, Err(RegistryError::Persist(_))),
+        "{relabel:?}"
+    );
+    let new = registry
+        .upsert_endpoint(&owner, endpoint_with("web-2", &["10.1.1.7"], "db"))
+        .await;
+    assert!(matches!(new, Err(RegistryError::Persist(_))), "{new:?}");
+    tokio::time::timeout(DEADLINE, registry.exporter().wait_idle())
+        .await
+        .expect("the export to settle");
+    assert_eq!(exported_identity(&memory, "10.1.1.5"), Some(web));
+    assert_eq!(exported_identity(&memory, "fd00:1::6"), None);
+    assert_eq!(exported_identity(&memory, "10.1.1.7"), None);
+    assert_eq!(memory.dump()[&persisted_key], persisted);
+    {
+        let table = registry.read().await;
+        let entry = table.endpoint(&ObjectKey::new("default", "web-1")).unwrap();
+        assert_eq!(entry.spec, endpoint_with("web-1", &["10.1.1.5"], "web"));
+        assert_eq!(entry.identity, web);
+        assert!(table
+            .endpoint(&ObjectKey::new("default", "web-2"))
+            .is_none());
+        assert!(table.ip_view("fd00:1::6".parse().unwrap()).is_none());
+    }
+
+    // Once etcd takes writes again, the relabel goes through.
+    gated.set(EndpointPuts::Pass);
+    let db = registry
+        .upsert_endpoint(
+            &owner,
+            endpoint_with("web-1", &["10.1.1.5", "fd00:1::6"], "db"),
+        )
+        .await
+        .unwrap()
+        .identity;
+    assert_ne!(db, web);
+    tokio::time::timeout(DEADLINE, registry.exporter().wait_idle())
+        .await
+        .expect("the export to settle");
+    assert_eq!(exported_identity(&memory, "10.1.1.5"), Some(db));
+    assert_eq!(exported_identity(&memory, "fd00:1::6"), Some(db));
+}

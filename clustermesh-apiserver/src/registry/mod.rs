@@ -18,6 +18,15 @@
 //! 5. hand the dirty keys to the export ([`crate::export`]) and wake the
 //!    `WatchServices` streams when a service's view changed.
 //!
+//! An endpoint upsert, the write node agents make for every pod, does 5
+//! before 4: the export's SyncStore writes the ipcache entry while the
+//! entry is persisted, so a registration reaches remote clusters after one
+//! etcd round trip instead of two in a row. When the persist then fails,
+//! the table is put back and exported again, so the exported key returns to
+//! its old value (or is deleted) and etcd keeps nothing the registry
+//! refused; the caller gets the error. The call still answers only after
+//! the persist, so an acknowledged registration survives a restart.
+//!
 //! Serialising writes keeps the persisted registry, the identity reference
 //! counts and the export in the order of the calls, which is what makes a
 //! restart exact. Because validation is here, every source gets the same
@@ -418,20 +427,25 @@ impl Registry {
                 return Err(e.into());
             }
         };
+        // Export first: the SyncStore writes the ipcache entry while the
+        // entry is persisted, so the registration's latency is one etcd
+        // round trip, not two in a row.
+        self.publish(&table, &outcome.dirty);
+        let persisted = match table.endpoint(&key) {
+            Some(entry) => self.0.persistence.put_endpoint(entry).await,
+            None => Ok(()),
+        };
+        if let Err(e) = persisted {
+            self.undo_endpoint_upsert(&mut table, &key, outcome);
+            self.0.allocator.release(&labels).await;
+            return Err(self.persist_failed(e));
+        }
         if let Some(previous) = &outcome.previous {
             self.0
                 .allocator
                 .release(&self.labels_of(&previous.spec))
                 .await;
         }
-        if let Some(entry) = table.endpoint(&key) {
-            self.0
-                .persistence
-                .put_endpoint(entry)
-                .await
-                .map_err(|e| self.persist_failed(e))?;
-        }
-        self.publish(&table, &outcome.dirty);
         Ok(EndpointUpserted {
             identity,
             conflicts: outcome.conflicts,
@@ -566,6 +580,22 @@ impl Registry {
             holder: Owner::Source.to_string(),
             owner: owner.clone(),
         })
+    }
+
+    /// Puts the table back as it was before an endpoint upsert whose
+    /// persistence failed, and exports that state again: keys the upsert
+    /// changed get their old value back, keys it created are deleted. The
+    /// SyncStore coalesces, so a write it has not started yet never reaches
+    /// etcd. The previous entry keeps its claim order (its claims carry
+    /// their sequence numbers) and its identity, which the upsert had not
+    /// released yet.
+    fn undo_endpoint_upsert(&self, table: &mut Table, key: &ObjectKey, outcome: EndpointUpsert) {
+        let (mut dirty, _) = table.delete_endpoint(key);
+        if let Some(previous) = outcome.previous {
+            table.restore_endpoint(previous);
+        }
+        dirty.merge(outcome.dirty);
+        self.publish(table, &dirty);
     }
 
     async fn remove_node(&self, table: &mut Table, name: &str) -> Result<bool, RegistryError> {
