@@ -260,7 +260,7 @@ impl PodManager {
             None => IDENTITY_INIT,
         };
         let host_if = host_ifname(&req.container_id, &req.ifname);
-        let tmp_if = format!("tmp{}", &host_if[3..]);
+        let tmp_if = host_if.replacen("lxc", "tmp", 1);
         // Leftovers of an interrupted earlier attempt.
         inner.host.delete_link(&host_if).await?;
         inner.host.delete_link(&tmp_if).await?;

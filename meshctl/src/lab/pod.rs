@@ -88,6 +88,17 @@ pub enum PodError {
         /// The node number.
         node: u8,
     },
+    /// The state file records a pod on a node the cluster does not have
+    /// (an edited or stale state file).
+    #[error("pod {pod} of cluster {cluster} is recorded on node {node}, which the cluster does not have")]
+    StaleNode {
+        /// The cluster.
+        cluster: String,
+        /// The pod.
+        pod: String,
+        /// The recorded node name.
+        node: String,
+    },
 }
 
 fn network_config(
@@ -283,7 +294,11 @@ pub fn del(lab: &mut LabState, bins: &Binaries, cluster: &str, name: &str) -> Re
         .nodes
         .iter()
         .find(|n| n.name == record.node)
-        .expect("a recorded pod's node is in the lab")
+        .ok_or_else(|| PodError::StaleNode {
+            cluster: cluster.to_owned(),
+            pod: name.to_owned(),
+            node: record.node.clone(),
+        })?
         .clone();
     if ip::netns_exists(&record.netns) {
         // DEL must succeed even when ADD never completed (CNI spec).
