@@ -223,6 +223,8 @@ fn loader_child() {
     }
     println!("loader-child ready");
     std::io::stdout().flush().expect("flush stdout");
+    // Hold the attachments until the parent kills this process (the test is
+    // about what survives the loader's death); 120 s is only a backstop.
     std::thread::sleep(Duration::from_secs(120));
 }
 
@@ -328,6 +330,8 @@ fn loader_restart_under_sigkill() {
         })
     });
 
+    // Let the stream run under the first loader, then hold a window with
+    // no loader at all.
     std::thread::sleep(Duration::from_millis(500));
     first.kill();
     // No loader process at all: the pinned links keep forwarding.

@@ -231,6 +231,7 @@ async fn dead_writer_keys_expire_and_reader_reports_deletes() {
     let entries = export(&w, 10).await;
     converged(&r, &expected(&entries)).await;
     drop(w);
+    // Paused clock: advance past the lease TTL so the dead writer's keys expire.
     tokio::time::sleep(Duration::from_secs(31)).await;
     converged(&r, &BTreeMap::new()).await;
     let mut deletes = 0;

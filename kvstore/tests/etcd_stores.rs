@@ -97,6 +97,7 @@ async fn etcd_sigkilled_and_restarted_mid_churn() {
         if step == 12 {
             etcd.restart().await;
         }
+        // Pace the churn so steps 8..12 land while etcd is down.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     idle(&w, LONG).await;

@@ -167,6 +167,7 @@ fn two_by_two_tunnel_traffic_disconnect_etcd_crash_and_clean_down() {
         })
         .map_err(|e| e.to_string())?
     });
+    // Let the stream run before the crash (it paces itself at 20 lines/s).
     std::thread::sleep(Duration::from_secs(2));
     let mut state = lab.state();
     let etcd = state
@@ -184,9 +185,11 @@ fn two_by_two_tunnel_traffic_disconnect_etcd_crash_and_clean_down() {
             cluster_status(&status, "c2")["ready"] == false
         },
     );
+    // Hold the outage: the stream must keep flowing with c1's etcd down.
     std::thread::sleep(Duration::from_secs(2));
     lab::restart_etcd(&mut state, "c1").expect("restart etcd of c1");
     lab.wait_ready("90s");
+    // Keep streaming for a while after the reconnect, then stop.
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let lines = stream.join().expect("stream thread").unwrap_or_else(|e| {

@@ -214,6 +214,8 @@ async fn restart_under_a_long_lived_stream_keeps_entries_and_flow() {
             Ok(n)
         })
     };
+    // Stream under a running agent first, then hold an outage with no agent
+    // at all: the pinned datapath must keep forwarding on its own.
     tokio::time::sleep(Duration::from_millis(500)).await;
     lab.b.stop_agent();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -225,6 +227,7 @@ async fn restart_under_a_long_lived_stream_keeps_entries_and_flow() {
             .status()
             .is_some_and(|s| s["reconcile"]["sweeping"] == true)
     });
+    // Keep the stream and the watcher running while the sweep works.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let exchanged = stream

@@ -93,7 +93,16 @@ async fn wireguard_carries_the_exchange_encrypted() {
     .await;
     assert_eq!(got, payload);
 
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // tcpdump writes each packet as it sees it (`-U`): wait until the file
+    // holds at least the exchanged bytes (the payload both ways, which the
+    // ciphertext cannot be shorter than) before stopping it, so the marker
+    // check below looks at the whole exchange.
+    let captured_enough = 24 + 2 * payload.len() as u64;
+    testkit::eventually!(
+        Duration::from_secs(10),
+        format!("the capture to hold at least {captured_enough} bytes"),
+        std::fs::metadata(&pcap).is_ok_and(|m| m.len() >= captured_enough)
+    );
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(capture.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
