@@ -97,6 +97,18 @@ pub enum KeyError {
         /// The segment's text (clipped).
         value: String,
     },
+    /// The IP segment parses but is not spelled as the writers spell it
+    /// (`2001:db8:0::1` for `2001:db8::1`): two keys for one IP would be
+    /// two records, so only the canonical form is a key.
+    #[error("IP {value:?} in key {key:?} is not in canonical form, expected {canonical:?}")]
+    NonCanonicalIp {
+        /// The key (clipped).
+        key: String,
+        /// The segment's text (clipped).
+        value: String,
+        /// The canonical spelling of the same address.
+        canonical: String,
+    },
     /// The IP segment does not parse.
     #[error("IP {value:?} in key {key:?} is not a valid IP address")]
     InvalidIp {
@@ -118,7 +130,7 @@ impl KeyError {
                 "invalid_key"
             }
             Self::InvalidCluster { .. } | Self::InvalidName { .. } => "invalid_name",
-            Self::InvalidIp { .. } => "invalid_ip",
+            Self::InvalidIp { .. } | Self::NonCanonicalIp { .. } => "invalid_ip",
         }
     }
 
@@ -130,7 +142,8 @@ impl KeyError {
             | Self::InvalidCluster { key, .. }
             | Self::InvalidName { key, .. }
             | Self::InvalidIdentity { key, .. }
-            | Self::InvalidIp { key, .. } => key,
+            | Self::InvalidIp { key, .. }
+            | Self::NonCanonicalIp { key, .. } => key,
         }
     }
 }
@@ -338,12 +351,27 @@ fn name_segment(
     Ok(value.to_owned())
 }
 
+/// The IP of a key segment, which must be in the canonical textual form
+/// [`ip_key`] writes: `Display` of [`IpAddr`], i.e. RFC 5952 for IPv6
+/// (lowercase, longest run of zero groups compressed, no leading zeros) and
+/// the dotted quad without leading zeros for IPv4, as Go's `net/netip`
+/// formats them. As [`identity_segment`] refuses `0256` for `256`, one
+/// address has exactly one key.
 fn ip_segment(key: &str, value: &str) -> Result<IpAddr, KeyError> {
-    value.parse().map_err(|source| KeyError::InvalidIp {
+    let ip: IpAddr = value.parse().map_err(|source| KeyError::InvalidIp {
         key: clip(key),
         value: clip(value),
         source,
-    })
+    })?;
+    let canonical = ip.to_string();
+    if canonical != value {
+        return Err(KeyError::NonCanonicalIp {
+            key: clip(key),
+            value: clip(value),
+            canonical,
+        });
+    }
+    Ok(ip)
 }
 
 fn identity_segment(key: &str, value: &str) -> Result<NumericIdentity, KeyError> {
@@ -378,7 +406,8 @@ pub fn parse_node_key(key: &str) -> Result<NodeKey, KeyError> {
 ///
 /// # Errors
 ///
-/// A [`KeyError`] naming the prefix, layout or segment that is wrong.
+/// A [`KeyError`] naming the prefix, layout or segment that is wrong; an IP
+/// that parses but is not in canonical form is [`KeyError::NonCanonicalIp`].
 pub fn parse_ip_key(key: &str) -> Result<IpKey, KeyError> {
     let (rest, cache) = strip_base(key, IP_BASE_PREFIX)?;
     let [space, ip] = segments(key, rest, IP_LAYOUT)?;

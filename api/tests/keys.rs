@@ -205,3 +205,58 @@ fn malformed_keys_are_refused() {
         );
     }
 }
+
+#[test]
+fn ip_keys_require_the_canonical_form() {
+    // Canonical: what `ip_key` writes (RFC 5952, dotted quad), as Go's
+    // formatter writes it. A single zero group is not compressed; IPv4-mapped
+    // addresses keep the dotted quad.
+    for ip in [
+        "10.1.0.5",
+        "0.0.0.0",
+        "::",
+        "::1",
+        "2001:db8::1",
+        "2001:db8:0:1:1:1:1:1",
+        "2001:db8::1:0:0:1",
+        "::ffff:10.1.0.5",
+    ] {
+        let key = format!("cilium/state/ip/v1/default/{ip}");
+        let parsed = keys::parse_ip_key(&key).unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert_eq!(parsed.ip.to_string(), ip);
+        assert_eq!(keys::ip_key(parsed.ip), key);
+    }
+    for (spelling, canonical) in [
+        ("2001:db8:0::1", "2001:db8::1"),
+        ("2001:db8:0:0:0:0:0:1", "2001:db8::1"),
+        ("2001:DB8::1", "2001:db8::1"),
+        ("2001:0db8::1", "2001:db8::1"),
+        ("2001:db8::0:1", "2001:db8::1"),
+        ("2001:db8::1:0:0:0:1", "2001:db8:0:1::1"),
+        ("2001:0:0:1:0:0:0:1", "2001:0:0:1::1"),
+        ("2001:db8:0:0:1::1", "2001:db8::1:0:0:1"),
+        ("2001:db8:0:0:0:0:0:0", "2001:db8::"),
+        ("0:0:0:0:0:0:0:1", "::1"),
+        ("::ffff:a01:5", "::ffff:10.1.0.5"),
+        ("fd00:10:1:0::5", "fd00:10:1::5"),
+    ] {
+        for key in [
+            format!("cilium/state/ip/v1/default/{spelling}"),
+            format!("cilium/cache/ip/v1/c1/{spelling}"),
+        ] {
+            let err = keys::parse_ip_key(&key).unwrap_err();
+            assert_eq!(err.reason(), "invalid_ip", "{key}: {err}");
+            assert_eq!(err.key(), key);
+            let msg = err.to_string();
+            assert!(msg.contains(&key), "{msg:?} must name the key");
+            assert!(
+                msg.contains(&format!("{canonical:?}")),
+                "{msg:?} must name the canonical form {canonical}"
+            );
+        }
+    }
+    // An IPv4 address with leading zeros does not parse at all (octal in
+    // some parsers): still `invalid_ip`.
+    let err = keys::parse_ip_key("cilium/state/ip/v1/default/010.1.0.5").unwrap_err();
+    assert_eq!(err.reason(), "invalid_ip", "{err}");
+}

@@ -213,6 +213,19 @@ fn invalid_ip() {
         "invalid_ip",
         &["\"10.1.0.300\""],
     );
+    // The key must spell the IP canonically even when the value agrees
+    // with it: `2001:db8:0::5` and `2001:db8::5` would be two records.
+    let v = edited("ipcache.json", |v| v["IP"] = "fd00:10:1::5".into());
+    refused::<IpcacheEntry>(
+        "cilium/state/ip/v1/default/fd00:10:1:0::5",
+        &v,
+        "invalid_ip",
+        &[
+            "\"cilium/state/ip/v1/default/fd00:10:1:0::5\"",
+            "canonical",
+            "\"fd00:10:1::5\"",
+        ],
+    );
     let v = edited("node.json", |v| {
         v["IPAddresses"][1]["IP"] = "10.1.0.1.1".into()
     });
