@@ -22,7 +22,10 @@ use std::time::Duration;
 use mesh_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use crate::clustermesh::status::{read_agent_status, AgentStatus};
+use node_agent::services::{Affinity as ProgrammedAffinity, ServiceStatus};
+use node_agent::status::AgentStatus;
+
+use crate::clustermesh::status::read_agent_status;
 use crate::lab::ip;
 
 /// How long one apiserver call may take.
@@ -346,64 +349,6 @@ pub fn delete(api: &Apiserver, namespace: &str, name: &str) -> Result<bool, Serv
     })
 }
 
-/// One backend as an agent programmed it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct BackendStatus {
-    /// Its cluster.
-    pub cluster: String,
-    /// `IP:port`.
-    pub address: String,
-    /// Preferred by affinity.
-    pub preferred: bool,
-}
-
-/// One frontend as an agent programmed it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct FrontendStatus {
-    /// `IP:port/PROTO`.
-    pub frontend: String,
-    /// Port name.
-    pub port_name: String,
-    /// Backends.
-    pub backends: Vec<BackendStatus>,
-}
-
-/// One service as an agent programmed it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct ServiceStatus {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// Global.
-    pub global: bool,
-    /// Shared.
-    pub shared: bool,
-    /// Affinity.
-    pub affinity: Affinity,
-    /// Frontends.
-    pub frontends: Vec<FrontendStatus>,
-}
-
-/// The services part of an agent's status document.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct ServicesSummary {
-    /// Whether the agent writes services yet (local list received, clusters synced).
-    pub programming: bool,
-    /// Frontends in its load balancer.
-    pub frontends: u64,
-    /// Failed writes.
-    pub errors: u64,
-    /// Frontend or backend IPs claimed twice.
-    pub conflicts: u64,
-    /// Every service.
-    pub services: Vec<ServiceStatus>,
-}
-
 /// The services of one cluster, as its agents report them.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterServices {
@@ -468,7 +413,7 @@ pub fn render(clusters: &[ClusterServices]) -> String {
                     .as_str()
                     .unwrap_or("none")
             );
-            if s.affinity != Affinity::None {
+            if s.affinity != ProgrammedAffinity::None {
                 flags.push(&affinity);
             }
             for f in &s.frontends {

@@ -607,8 +607,8 @@ pub fn desired_services(
 }
 
 /// One backend in the status document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct BackendStatus {
     /// The cluster it runs in.
     pub cluster: String,
@@ -619,8 +619,8 @@ pub struct BackendStatus {
 }
 
 /// One frontend in the status document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct FrontendStatus {
     /// `IP:port/PROTO`.
     pub frontend: String,
@@ -631,8 +631,8 @@ pub struct FrontendStatus {
 }
 
 /// One service in the status document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct ServiceStatus {
     /// Namespace.
     pub namespace: String,
@@ -650,7 +650,7 @@ pub struct ServiceStatus {
 
 /// Counters and contents of the service reconciler, for the status.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", default)]
 pub struct ServicesStatus {
     /// The local snapshot arrived and every cluster synced (or the sync
     /// timeout passed): the reconciler writes the maps.

@@ -8,6 +8,11 @@
 //!
 //! The per-cluster fields mirror Cilium's remote-cluster status
 //! (`cilium-dbg status --verbose`, `clustermesh status`), with the same names.
+//!
+//! These types are also what readers parse (`meshctl clustermesh status`,
+//! `meshctl service list`), so the field names are a contract with every
+//! client. Every struct reads a missing field as its default, so a newer
+//! client still reads an older agent's document.
 
 use std::{
     collections::BTreeMap,
@@ -29,6 +34,7 @@ use crate::unix::bind_unix;
 
 /// Which resource kinds of a cluster have completed their initial list.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Synced {
     /// Nodes.
     pub nodes: bool,
@@ -49,7 +55,7 @@ impl Synced {
 
 /// The state of one cluster's connection, as Cilium reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", default)]
 pub struct ClusterStatus {
     /// Cluster name.
     pub name: String,
@@ -80,7 +86,7 @@ pub struct ClusterStatus {
 
 /// Reconciler counters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", default)]
 pub struct ReconcileStatus {
     /// Completed reconcile passes.
     pub runs: u64,
@@ -94,33 +100,26 @@ pub struct ReconcileStatus {
     /// restart timeout passed).
     pub sweeping: bool,
     /// Prefixes claimed by more than one record in the last pass.
-    #[serde(default)]
     pub conflicts: u64,
     /// Passes that applied queued changes through the index.
-    #[serde(default)]
     pub incremental_passes: u64,
     /// Changes (endpoints, nodes) those passes applied.
-    #[serde(default)]
     pub changes_applied: u64,
     /// Passes that recomputed everything (start, a connection added,
     /// removed or synced, the sweep starting, and every resync).
-    #[serde(default)]
     pub full_passes: u64,
     /// Duration of the last full pass, in seconds.
-    #[serde(default)]
     pub last_full_duration_seconds: f64,
     /// Periodic resyncs done.
-    #[serde(default)]
     pub resyncs: u64,
     /// Map writes a resync had to make: the incremental passes left an
     /// entry wrong, or someone else wrote the map. Zero when all is well.
-    #[serde(default)]
     pub resync_corrections: u64,
 }
 
 /// The whole status document.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", default)]
 pub struct AgentStatus {
     /// Local cluster name.
     pub cluster_name: String,
@@ -141,8 +140,15 @@ pub struct AgentStatus {
     /// Reconciler counters.
     pub reconcile: ReconcileStatus,
     /// Services programmed into the load balancer ([`crate::services`]).
-    #[serde(default)]
     pub services: crate::services::ServicesStatus,
+}
+
+impl AgentStatus {
+    /// Shared services over every cluster the agent reads: the global
+    /// services it can balance to.
+    pub fn global_services(&self) -> u64 {
+        self.clusters.iter().map(|c| c.num_shared_services).sum()
+    }
 }
 
 /// Shared, cheaply updated status of the cluster tasks and the reconciler.
@@ -506,6 +512,19 @@ mod tests {
         assert_eq!(c["rejected"]["cluster mismatch"], 2);
         let back: AgentStatus = serde_json::from_value(v).unwrap();
         assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn readers_take_documents_with_fields_missing() {
+        // What an older agent (no services, no resync counters) sends.
+        let doc = r#"{"node-name":"n1","clusters":[{"name":"c2","ready":true,"num-shared-services":2}],"reconcile":{"runs":3}}"#;
+        let s: AgentStatus = serde_json::from_str(doc).unwrap();
+        assert_eq!(s.node_name, "n1");
+        assert!(s.clusters[0].ready);
+        assert!(!s.clusters[0].synced.all());
+        assert_eq!(s.reconcile.runs, 3);
+        assert_eq!(s.global_services(), 2);
+        assert!(s.services.services.is_empty());
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! Each agent serves one JSON document per connection on its status socket,
 //! with one entry per cluster it reads (its own and each remote), in Cilium's
 //! field names (`name`, `ready`, `connected`, `status`, `num-nodes`, ...).
+//! The document types are the agent's own ([`node_agent::status`]), so
+//! writer and reader cannot drift apart.
 //! `configured` comes from the agent's config directory (what `connect` wrote),
 //! `connected` and `ready` from the agent. A cluster is ready when every node
 //! answers, reads exactly the clusters it is configured for, and every one of
@@ -15,7 +17,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use node_agent::status::AgentStatus;
+use serde::Serialize;
 
 use super::config::configured_clusters;
 use crate::lab::state::LabState;
@@ -60,73 +63,6 @@ pub enum StatusError {
         /// The cluster.
         cluster: String,
     },
-}
-
-/// One cluster as an agent sees it (Cilium's `RemoteCluster` status fields).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct AgentClusterStatus {
-    /// Cluster name.
-    pub name: String,
-    /// Connected and synced.
-    pub ready: bool,
-    /// Connected to its etcd.
-    pub connected: bool,
-    /// Human-readable state, e.g. the last error.
-    pub status: String,
-    /// Nodes read from it.
-    pub num_nodes: u64,
-    /// Endpoints read from it.
-    pub num_endpoints: u64,
-    /// Identities read from it.
-    pub num_identities: u64,
-    /// Shared services read from it.
-    pub num_shared_services: u64,
-    /// Connection failures so far.
-    pub num_failures: u64,
-    /// Records dropped by validation, by reason.
-    pub rejected: BTreeMap<String, u64>,
-    /// When it last failed.
-    pub last_failure: Option<String>,
-}
-
-/// One agent's status document.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct AgentStatus {
-    /// The node's name.
-    pub node_name: String,
-    /// The node's cluster.
-    pub cluster_name: String,
-    /// Every cluster it reads (its own included).
-    pub clusters: Vec<AgentClusterStatus>,
-    /// Whether its session with the local apiserver is live (absent: none configured).
-    pub apiserver_connected: Option<bool>,
-    /// Pods on the node.
-    pub local_endpoints: u64,
-    /// Reconciler counters.
-    pub reconcile: ReconcileSummary,
-    /// Services the agent programmed.
-    pub services: crate::service::ServicesSummary,
-}
-
-/// The agent's reconciler counters that status shows.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct ReconcileSummary {
-    /// Completed passes.
-    pub runs: u64,
-    /// Failed map or tunnel writes.
-    pub errors: u64,
-    /// ipcache entries.
-    pub ipcache_entries: u64,
-}
-
-impl AgentStatus {
-    /// Shared services over every cluster it reads: the global services it can balance to.
-    pub fn global_services(&self) -> u64 {
-        self.clusters.iter().map(|c| c.num_shared_services).sum()
-    }
 }
 
 /// Reads one agent's status.
