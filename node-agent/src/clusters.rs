@@ -941,6 +941,60 @@ pub fn config_names(dir: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// Cluster entries over real [`WatchStore`]s on the in-memory backend, for
+/// the unit tests of the reconcilers.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use api::{ClusterId, ClusterName, MaxConnectedClusters, RemoteScope, Resource};
+    use kvstore::{KvWrite, MemoryBackend, WatchStore, WatchStoreConfig};
+
+    use super::{ClusterEntry, ClusterStores};
+
+    /// The identity layout the tests use.
+    pub(crate) const MAX: MaxConnectedClusters = MaxConnectedClusters::Max255;
+
+    /// The `(key, value)` an agent would read for `record`.
+    pub(crate) fn kv(record: &impl Resource) -> (String, Vec<u8>) {
+        (record.key(), record.encode())
+    }
+
+    /// Cluster `name` (ID `id`) holding `records`, every store synced.
+    pub(crate) async fn memory_cluster(
+        name: &str,
+        id: u16,
+        local: bool,
+        records: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) -> ClusterEntry {
+        let backend = Arc::new(MemoryBackend::new());
+        for (key, value) in records {
+            backend.put(&key, &value, None).await.unwrap();
+        }
+        let name: ClusterName = name.parse().unwrap();
+        let scope = RemoteScope::new(name, ClusterId::new(id, MAX).unwrap(), MAX);
+        let cfg = WatchStoreConfig::default();
+        let stores = ClusterStores {
+            nodes: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
+            endpoints: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
+            identities: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
+            services: WatchStore::spawn(backend, scope.clone(), cfg).0,
+            scope,
+            changes: Default::default(),
+        };
+        stores.nodes.wait_until_synced().await;
+        stores.endpoints.wait_until_synced().await;
+        stores.identities.wait_until_synced().await;
+        stores.services.wait_until_synced().await;
+        ClusterEntry {
+            local,
+            current: Some(Arc::new(stores)),
+            previous: None,
+            refused: false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

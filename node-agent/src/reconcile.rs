@@ -596,12 +596,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use api::{ClusterId, ClusterName, MaxConnectedClusters, Node, NumericIdentity, Resource};
-    use kvstore::{KvWrite, MemoryBackend, WatchStore, WatchStoreConfig};
-
-    use crate::clusters::ClusterStores;
-
-    const MAX: MaxConnectedClusters = MaxConnectedClusters::Max255;
+    use crate::clusters::test_support::{kv, memory_cluster, MAX};
+    use api::{ClusterId, Node, NumericIdentity};
 
     fn node(cluster: &str, id: u16, name: &str, ip: &str, cidr: &str) -> Node {
         let mut n = Node::new(
@@ -630,32 +626,8 @@ mod tests {
         nodes: &[Node],
         pods: &[api::IpcacheEntry],
     ) -> ClusterEntry {
-        let backend = Arc::new(MemoryBackend::new());
-        for n in nodes {
-            backend.put(&n.key(), &n.encode(), None).await.unwrap();
-        }
-        for p in pods {
-            backend.put(&p.key(), &p.encode(), None).await.unwrap();
-        }
-        let name: ClusterName = name.parse().unwrap();
-        let scope = api::RemoteScope::new(name, ClusterId::new(id, MAX).unwrap(), MAX);
-        let cfg = WatchStoreConfig::default();
-        let stores = ClusterStores {
-            nodes: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
-            endpoints: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
-            identities: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
-            services: WatchStore::spawn(backend, scope.clone(), cfg).0,
-            scope,
-            changes: Default::default(),
-        };
-        stores.nodes.wait_until_synced().await;
-        stores.endpoints.wait_until_synced().await;
-        ClusterEntry {
-            local,
-            current: Some(Arc::new(stores)),
-            previous: None,
-            refused: false,
-        }
+        let records = nodes.iter().map(kv).chain(pods.iter().map(kv));
+        memory_cluster(name, id, local, records).await
     }
 
     fn me(routing: Routing, encryption: Encryption) -> LocalNode {

@@ -866,12 +866,8 @@ where
 mod tests {
     use super::*;
 
-    use api::{ClusterId, ClusterName, L4Addr, L4Protocol, MaxConnectedClusters, Resource};
-    use kvstore::{KvWrite, MemoryBackend, WatchStore, WatchStoreConfig};
-
-    use crate::clusters::ClusterStores;
-
-    const MAX: MaxConnectedClusters = MaxConnectedClusters::Max255;
+    use crate::clusters::test_support::{kv, memory_cluster, MAX};
+    use api::{ClusterId, L4Addr, L4Protocol};
 
     fn export(cluster: &str, id: u16, name: &str, backends: &[(&str, u16)]) -> ClusterService {
         let mut s = ClusterService::new(
@@ -914,28 +910,7 @@ mod tests {
         local: bool,
         services: &[ClusterService],
     ) -> ClusterEntry {
-        let backend = Arc::new(MemoryBackend::new());
-        for s in services {
-            backend.put(&s.key(), &s.encode(), None).await.unwrap();
-        }
-        let cluster: ClusterName = name.parse().unwrap();
-        let scope = api::RemoteScope::new(cluster, ClusterId::new(id, MAX).unwrap(), MAX);
-        let cfg = WatchStoreConfig::default();
-        let stores = ClusterStores {
-            nodes: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
-            endpoints: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
-            identities: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
-            services: WatchStore::spawn(backend, scope.clone(), cfg).0,
-            scope,
-            changes: Default::default(),
-        };
-        stores.services.wait_until_synced().await;
-        ClusterEntry {
-            local,
-            current: Some(Arc::new(stores)),
-            previous: None,
-            refused: false,
-        }
+        memory_cluster(name, id, local, services.iter().map(kv)).await
     }
 
     fn local(name: &str, global: bool, affinity: Affinity, backends: &[&str]) -> LocalService {
