@@ -962,15 +962,24 @@ mod tests {
         .into()
     }
 
+    /// What node c1/1 programs for its service `web` (backend 10.1.1.5).
+    fn desired_web(
+        clusters: &BTreeMap<String, ClusterEntry>,
+        global: bool,
+        affinity: Affinity,
+    ) -> DesiredServices {
+        desired_services(
+            &[local("web", global, affinity, &["10.1.1.5"])],
+            clusters,
+            "c1",
+            1,
+        )
+    }
+
     #[tokio::test]
     async fn a_global_service_merges_remote_backends_by_port_name() {
         let clusters = mesh(&[export("c2", 2, "web", &[("10.2.1.5", 9090)])]).await;
-        let d = desired_services(
-            &[local("web", true, Affinity::None, &["10.1.1.5"])],
-            &clusters,
-            "c1",
-            1,
-        );
+        let d = desired_web(&clusters, true, Affinity::None);
         assert_eq!(
             backends(&d),
             [
@@ -988,12 +997,7 @@ mod tests {
     #[tokio::test]
     async fn a_service_not_global_locally_takes_local_backends_only() {
         let clusters = mesh(&[export("c2", 2, "web", &[("10.2.1.5", 8080)])]).await;
-        let d = desired_services(
-            &[local("web", false, Affinity::None, &["10.1.1.5"])],
-            &clusters,
-            "c1",
-            1,
-        );
+        let d = desired_web(&clusters, false, Affinity::None);
         assert_eq!(backends(&d), [(1, "10.1.1.5:8080".to_owned(), false)]);
         assert!(!d.frontends[&frontend()]
             .flags
@@ -1012,15 +1016,10 @@ mod tests {
     async fn affinity_marks_local_or_remote_backends_preferred() {
         let clusters = mesh(&[export("c2", 2, "web", &[("10.2.1.5", 8080)])]).await;
         let run = |affinity| {
-            backends(&desired_services(
-                &[local("web", true, affinity, &["10.1.1.5"])],
-                &clusters,
-                "c1",
-                1,
-            ))
-            .into_iter()
-            .map(|(c, _, p)| (c, p))
-            .collect::<Vec<_>>()
+            backends(&desired_web(&clusters, true, affinity))
+                .into_iter()
+                .map(|(c, _, p)| (c, p))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(Affinity::Local), [(1, true), (2, false)]);
         assert_eq!(run(Affinity::Remote), [(1, false), (2, true)]);
@@ -1036,12 +1035,7 @@ mod tests {
             &[("10.1.1.5", 8080), ("10.2.1.5", 8080)],
         )])
         .await;
-        let d = desired_services(
-            &[local("web", true, Affinity::None, &["10.1.1.5"])],
-            &clusters,
-            "c1",
-            1,
-        );
+        let d = desired_web(&clusters, true, Affinity::None);
         assert_eq!(
             backends(&d),
             [

@@ -326,24 +326,6 @@ pub fn render_metrics(status: &AgentStatus) -> String {
     );
     let r = &status.reconcile;
     family(
-        "mesh_agent_reconcile_duration_seconds",
-        "gauge",
-        "Duration of the last reconcile pass.",
-        &[(String::new(), r.last_duration_seconds)],
-    );
-    family(
-        "mesh_agent_reconcile_runs_total",
-        "counter",
-        "Completed reconcile passes.",
-        &[(String::new(), r.runs as f64)],
-    );
-    family(
-        "mesh_agent_reconcile_errors_total",
-        "counter",
-        "Failed datapath or tunnel writes.",
-        &[(String::new(), r.errors as f64)],
-    );
-    family(
         "mesh_agent_reconcile_passes_total",
         "counter",
         "Reconcile passes by kind: incremental (queued changes) or full.",
@@ -355,42 +337,66 @@ pub fn render_metrics(status: &AgentStatus) -> String {
             ("{kind=\"full\"}".to_owned(), r.full_passes as f64),
         ],
     );
-    family(
-        "mesh_agent_reconcile_changes_total",
-        "counter",
-        "Endpoint and node changes applied by incremental passes.",
-        &[(String::new(), r.changes_applied as f64)],
-    );
-    family(
-        "mesh_agent_reconcile_full_duration_seconds",
-        "gauge",
-        "Duration of the last full reconcile pass.",
-        &[(String::new(), r.last_full_duration_seconds)],
-    );
-    family(
-        "mesh_agent_reconcile_resyncs_total",
-        "counter",
-        "Periodic resyncs (full pass over a re-read ipcache map).",
-        &[(String::new(), r.resyncs as f64)],
-    );
-    family(
-        "mesh_agent_reconcile_resync_corrections_total",
-        "counter",
-        "ipcache writes a resync had to make; non-zero means the incremental passes missed a change or someone else wrote the map.",
-        &[(String::new(), r.resync_corrections as f64)],
-    );
-    family(
-        "mesh_agent_ipcache_entries",
-        "gauge",
-        "Entries in the ipcache map owned by the reconciler.",
-        &[(String::new(), r.ipcache_entries as f64)],
-    );
-    family(
-        "mesh_agent_local_endpoints",
-        "gauge",
-        "Pods on this node.",
-        &[(String::new(), status.local_endpoints as f64)],
-    );
+    // Families with one unlabelled sample: (name, type, help, value).
+    let single: [(&str, &str, &str, f64); 9] = [
+        (
+            "mesh_agent_reconcile_duration_seconds",
+            "gauge",
+            "Duration of the last reconcile pass.",
+            r.last_duration_seconds,
+        ),
+        (
+            "mesh_agent_reconcile_runs_total",
+            "counter",
+            "Completed reconcile passes.",
+            r.runs as f64,
+        ),
+        (
+            "mesh_agent_reconcile_errors_total",
+            "counter",
+            "Failed datapath or tunnel writes.",
+            r.errors as f64,
+        ),
+        (
+            "mesh_agent_reconcile_changes_total",
+            "counter",
+            "Endpoint and node changes applied by incremental passes.",
+            r.changes_applied as f64,
+        ),
+        (
+            "mesh_agent_reconcile_full_duration_seconds",
+            "gauge",
+            "Duration of the last full reconcile pass.",
+            r.last_full_duration_seconds,
+        ),
+        (
+            "mesh_agent_reconcile_resyncs_total",
+            "counter",
+            "Periodic resyncs (full pass over a re-read ipcache map).",
+            r.resyncs as f64,
+        ),
+        (
+            "mesh_agent_reconcile_resync_corrections_total",
+            "counter",
+            "ipcache writes a resync had to make; non-zero means the incremental passes missed a change or someone else wrote the map.",
+            r.resync_corrections as f64,
+        ),
+        (
+            "mesh_agent_ipcache_entries",
+            "gauge",
+            "Entries in the ipcache map owned by the reconciler.",
+            r.ipcache_entries as f64,
+        ),
+        (
+            "mesh_agent_local_endpoints",
+            "gauge",
+            "Pods on this node.",
+            status.local_endpoints as f64,
+        ),
+    ];
+    for (name, kind, help, value) in single {
+        family(name, kind, help, &[(String::new(), value)]);
+    }
     out
 }
 
