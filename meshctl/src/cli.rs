@@ -483,8 +483,7 @@ fn lab_command(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             )?;
             if *echo {
                 let process = pod::start_echo(&state, &bins, &cluster, &addr.pod)?;
-                state.processes.push(process);
-                state.save()?;
+                state.record_process(process)?;
             }
             println!(
                 "pod {cluster}/{} on {} in namespace {}: {}",

@@ -344,8 +344,7 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
             ))
             .run(|| create_cluster_netns(&lab.name, cluster))?;
     }
-    for i in 0..lab.clusters.len() {
-        let cluster = lab.clusters[i].clone();
+    for cluster in lab.clusters.clone() {
         let record = progress
             .step(format!(
                 "cluster {}: certificates and etcd (mTLS) on {}:{}",
@@ -354,11 +353,9 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
                 plan::ETCD_TLS_PORT
             ))
             .run(|| enable_cluster(&lab, &cluster, &bins.etcd))?;
-        lab.processes.push(record);
-        lab.save()?;
+        lab.record_process(record)?;
     }
-    for i in 0..lab.clusters.len() {
-        let cluster = lab.clusters[i].clone();
+    for cluster in lab.clusters.clone() {
         let record = progress
             .step(format!(
                 "cluster {}: clustermesh-apiserver on {}:{}",
@@ -367,11 +364,9 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
                 plan::APISERVER_GRPC_PORT
             ))
             .run(|| start_apiserver(&lab, &cluster, &bins))?;
-        lab.processes.push(record);
-        lab.save()?;
+        lab.record_process(record)?;
     }
-    for i in 0..lab.clusters.len() {
-        let cluster = lab.clusters[i].clone();
+    for cluster in lab.clusters.clone() {
         for node in &cluster.nodes {
             let record = progress
                 .step(format!(
@@ -384,8 +379,7 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
                     lab.encryption.as_str()
                 ))
                 .run(|| start_agent(&lab, &cluster, node, &bins))?;
-            lab.processes.push(record);
-            lab.save()?;
+            lab.record_process(record)?;
         }
     }
     if opts.connect {
@@ -398,8 +392,7 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
             }
         }
     }
-    for i in 0..lab.clusters.len() {
-        let cluster = lab.clusters[i].clone();
+    for cluster in lab.clusters.clone() {
         for node in &cluster.nodes {
             let name = plan::echo_pod(cluster.id, node.number);
             progress
@@ -413,8 +406,7 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
                     let labels = BTreeMap::from([("app".to_owned(), "echo".to_owned())]);
                     pod::add(&mut lab, &bins, &cluster.name, node.number, &name, labels)?;
                     let record = pod::start_echo(&lab, &bins, &cluster.name, &name)?;
-                    lab.processes.push(record);
-                    lab.save()?;
+                    lab.record_process(record)?;
                     Ok::<_, LabError>(())
                 })?;
         }
@@ -1040,8 +1032,7 @@ pub fn restart_etcd(lab: &mut LabState, cluster: &str) -> Result<(), LabError> {
     let record = enable_cluster(lab, &c, &etcd)?;
     lab.processes
         .retain(|p| !(p.role == Role::Etcd && p.cluster == cluster));
-    lab.processes.push(record);
-    lab.save()?;
+    lab.record_process(record)?;
     Ok(())
 }
 

@@ -246,6 +246,17 @@ impl LabState {
         serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path, source })
     }
 
+    /// Adds a started process and writes the state at once, so that if
+    /// `meshctl` dies right after, `lab down` still finds and stops it.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Io`].
+    pub fn record_process(&mut self, record: ProcessRecord) -> Result<(), StateError> {
+        self.processes.push(record);
+        self.save()
+    }
+
     /// Writes the state atomically.
     ///
     /// # Errors
