@@ -20,9 +20,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_proto::v1 as pb;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use node_agent::services::{Affinity as ProgrammedAffinity, ServiceStatus};
+/// `--affinity`: the agent's own type, so flag values and status agree.
+pub use node_agent::services::Affinity;
+use node_agent::services::ServiceStatus;
 use node_agent::status::AgentStatus;
 
 use crate::clustermesh::status::read_agent_status;
@@ -89,19 +91,6 @@ pub enum ServiceError {
         /// The call.
         op: &'static str,
     },
-}
-
-/// `--affinity`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Affinity {
-    /// Every backend alike.
-    #[default]
-    None,
-    /// Local backends while any is active, then remote ones.
-    Local,
-    /// Remote backends while any is active, then local ones.
-    Remote,
 }
 
 /// What `service add` declares.
@@ -413,7 +402,7 @@ pub fn render(clusters: &[ClusterServices]) -> String {
                     .as_str()
                     .unwrap_or("none")
             );
-            if s.affinity != ProgrammedAffinity::None {
+            if s.affinity != Affinity::None {
                 flags.push(&affinity);
             }
             for f in &s.frontends {

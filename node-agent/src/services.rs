@@ -145,16 +145,17 @@ pub enum WatchError {
     },
 }
 
-/// `service.cilium.io/affinity`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// `service.cilium.io/affinity`. Also `meshctl service add --affinity`,
+/// hence the `clap` derive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Affinity {
     /// Every backend alike.
     #[default]
     None,
-    /// Local backends while any is active.
+    /// Local backends while any is active, then remote ones.
     Local,
-    /// Remote backends while any is active.
+    /// Remote backends while any is active, then local ones.
     Remote,
 }
 
