@@ -4,11 +4,12 @@
 //! the test checks the pod's namespace through `ip` and the datapath's
 //! `endpoints` map through its pin. Needs root and iproute2.
 
+mod common;
+
 use std::{
-    io::Write,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Output},
     time::Duration,
 };
 
@@ -82,30 +83,7 @@ impl Lab {
     }
 
     fn cni(&self, command: &str, container: &str, netns: Option<&str>, conf: &str) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh-cni"));
-        cmd.env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/opt/cni/bin")
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container};MESH_LABELS=app=web,tier=fe"),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(ns) = netns {
-            cmd.env("CNI_NETNS", format!("/run/netns/{ns}"));
-        }
-        let mut child = cmd.spawn().expect("run mesh-cni");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(conf.as_bytes())
-            .expect("write config");
-        child.wait_with_output().expect("mesh-cni output")
+        common::run_mesh_cni(command, container, netns, "app=web,tier=fe", conf)
     }
 
     fn conf(&self) -> String {

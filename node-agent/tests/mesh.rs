@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::{echo_server, tcp_exchange, Lab};
+use common::{echo_server, started_lab, tcp_exchange, Lab};
 use datapath::{IpcacheEntry, IpcacheFlags};
 use ipnet::IpNet;
 
@@ -66,20 +66,6 @@ async fn wait_gone(lab_c: &common::ClusterLab, prefix: IpNet, what: &str) {
     testkit::eventually!(Duration::from_secs(20), what, {
         map.get(prefix).expect("read ipcache").is_none()
     });
-}
-
-async fn started_lab(encryption: &'static str) -> Option<(Lab, String, String)> {
-    if !common::requirements() {
-        return None;
-    }
-    let mut lab = Lab::new(encryption).await;
-    let pa = lab.pod_ns("pa");
-    let pb = lab.pod_ns("pb");
-    lab.a.start_agent();
-    lab.b.start_agent();
-    lab.a.wait_ready(&["c1", "c2"]).await;
-    lab.b.wait_ready(&["c1", "c2"]).await;
-    Some((lab, pa, pb))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -11,23 +11,19 @@ use std::{
     time::Duration,
 };
 
-use common::{echo_server, tcp_exchange, Lab};
+use common::{echo_server, tcp_exchange};
 use ipnet::IpNet;
 
 const MARKER: &[u8] = b"MESH-PAYLOAD-MARKER-7f3a9c";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wireguard_carries_the_exchange_encrypted() {
-    if !common::requirements() || !testkit::require_binary("tcpdump") {
+    if !testkit::require_binary("tcpdump") {
         return;
     }
-    let mut lab = Lab::new("wireguard").await;
-    let pa = lab.pod_ns("pa");
-    let pb = lab.pod_ns("pb");
-    lab.a.start_agent();
-    lab.b.start_agent();
-    lab.a.wait_ready(&["c1", "c2"]).await;
-    lab.b.wait_ready(&["c1", "c2"]).await;
+    let Some((lab, pa, pb)) = common::started_lab("wireguard").await else {
+        return;
+    };
     let ip_a = lab.a.add_pod("wg-a", &pa);
     let ip_b = lab.b.add_pod("wg-b", &pb);
     for (c, ip) in [(&lab.b, ip_a), (&lab.a, ip_b)] {

@@ -27,6 +27,42 @@ use tokio::sync::oneshot;
 
 pub const PREFIX: &str = "mag2";
 
+/// Runs the `mesh-cni` binary as a container runtime does: the CNI
+/// environment (pod `default/<container>` with `MESH_LABELS=labels`), the
+/// network config on stdin.
+pub fn run_mesh_cni(
+    command: &str,
+    container: &str,
+    netns: Option<&str>,
+    labels: &str,
+    conf: &str,
+) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh-cni"));
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container};MESH_LABELS={labels}"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(ns) = netns {
+        cmd.env("CNI_NETNS", format!("/run/netns/{ns}"));
+    }
+    let mut child = cmd.spawn().expect("run mesh-cni");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.as_bytes())
+        .expect("write config");
+    child.wait_with_output().expect("mesh-cni output")
+}
+
 /// One cluster: etcd, apiserver, one node with its agent.
 pub struct ClusterLab {
     pub name: String,
@@ -83,6 +119,23 @@ fn remove_leftovers() {
 /// Root, `ip` and `etcd` present (or skip / fail under MESH_TEST_STRICT).
 pub fn requirements() -> bool {
     testkit::require_root() && testkit::require_binary("ip") && testkit::require_binary("etcd")
+}
+
+/// A lab with both agents running and ready for both clusters, and one pod
+/// namespace per node (`pa` on c1, `pb` on c2); `None` when a requirement
+/// is missing (see [`requirements`]).
+pub async fn started_lab(encryption: &'static str) -> Option<(Lab, String, String)> {
+    if !requirements() {
+        return None;
+    }
+    let mut lab = Lab::new(encryption).await;
+    let pa = lab.pod_ns("pa");
+    let pb = lab.pod_ns("pb");
+    lab.a.start_agent();
+    lab.b.start_agent();
+    lab.a.wait_ready(&["c1", "c2"]).await;
+    lab.b.wait_ready(&["c1", "c2"]).await;
+    Some((lab, pa, pb))
 }
 
 /// Binds `127.0.0.1:port` inside `ns` and relays every connection to
@@ -380,29 +433,13 @@ impl ClusterLab {
             r#"{{"cniVersion":"1.0.0","name":"mesh","type":"mesh-cni","agentSocket":"{}"}}"#,
             self.path("cni.sock").display()
         );
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-cni"))
-            .env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/opt/cni/bin")
-            .env("CNI_NETNS", format!("/run/netns/{netns}"))
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container};MESH_LABELS=app={container}"),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run mesh-cni");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(conf.as_bytes())
-            .expect("write config");
-        child.wait_with_output().expect("mesh-cni output")
+        run_mesh_cni(
+            command,
+            container,
+            Some(netns),
+            &format!("app={container}"),
+            &conf,
+        )
     }
 
     /// CNI ADD; returns the pod's address.
