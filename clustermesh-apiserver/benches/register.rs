@@ -52,13 +52,10 @@ async fn through_apiserver() -> (Duration, Vec<(String, Vec<u8>)>) {
         .await
         .unwrap()
         .into_inner();
-    let Some(pb::SessionEvent {
-        event: Some(pb::session_event::Event::Opened(opened)),
-    }) = session.message().await.unwrap()
-    else {
-        panic!("no session id")
-    };
-    let session_id = opened.session_id;
+    let session_id = mesh_proto::session_opened(&mut session)
+        .await
+        .unwrap()
+        .session_id;
     client
         .register_node(pb::RegisterNodeRequest {
             session_id: session_id.clone(),

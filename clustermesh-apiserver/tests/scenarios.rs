@@ -444,11 +444,11 @@ impl Harness {
                 {
                     Ok(resp) => {
                         let mut stream = resp.into_inner();
-                        let first = stream.message().await.unwrap().expect("opened message");
-                        let Some(pb::session_event::Event::Opened(o)) = first.event else {
-                            panic!("{}: first session message is not Opened", self.name)
-                        };
-                        self.sessions.insert(s.to_owned(), (o.session_id, stream));
+                        let opened = mesh_proto::session_opened(&mut stream)
+                            .await
+                            .unwrap_or_else(|e| panic!("{}: open session: {e}", self.name));
+                        self.sessions
+                            .insert(s.to_owned(), (opened.session_id, stream));
                         Ok(())
                     }
                     Err(e) => Err(e),

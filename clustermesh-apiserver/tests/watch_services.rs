@@ -104,13 +104,10 @@ async fn watch_services_sends_a_snapshot_per_change() {
         .await
         .unwrap()
         .into_inner();
-    let Some(Ok(pb::SessionEvent {
-        event: Some(pb::session_event::Event::Opened(opened)),
-    })) = session.next().await
-    else {
-        panic!("no SessionOpened");
-    };
-    let sid = opened.session_id;
+    let sid = mesh_proto::session_opened(&mut session)
+        .await
+        .unwrap()
+        .session_id;
     client
         .register_node(pb::RegisterNodeRequest {
             session_id: sid.clone(),

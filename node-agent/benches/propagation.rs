@@ -41,8 +41,8 @@ use std::{
 
 use futures::StreamExt as _;
 use mesh_proto::v1::{
-    registry_client::RegistryClient, session_event, Endpoint, Node, OpenSessionRequest,
-    RegisterNodeRequest, UpsertEndpointRequest,
+    registry_client::RegistryClient, Endpoint, Node, OpenSessionRequest, RegisterNodeRequest,
+    UpsertEndpointRequest,
 };
 use nix::sched::CloneFlags;
 
@@ -257,11 +257,10 @@ async fn run() {
         .await
         .expect("open session")
         .into_inner();
-    let first = session.message().await.expect("session").expect("opened");
-    let Some(session_event::Event::Opened(opened)) = first.event else {
-        panic!("first session event is not `opened`");
-    };
-    let session_id = opened.session_id;
+    let session_id = mesh_proto::session_opened(&mut session)
+        .await
+        .expect("open session")
+        .session_id;
     tokio::spawn(async move { while let Some(Ok(_)) = session.next().await {} });
     client
         .register_node(RegisterNodeRequest {

@@ -17,8 +17,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use mesh_proto::v1::{
-    registry_client::RegistryClient, session_event, DeleteEndpointRequest, Endpoint, Node,
-    OpenSessionRequest, RegisterNodeRequest, UpsertEndpointRequest,
+    registry_client::RegistryClient, DeleteEndpointRequest, Endpoint, Node, OpenSessionRequest,
+    RegisterNodeRequest, UpsertEndpointRequest,
 };
 use tokio::sync::{watch, Mutex};
 use tonic::transport::Channel;
@@ -286,19 +286,13 @@ impl SessionTask {
                 source,
             })?
             .into_inner();
-        let first = tokio::time::timeout(RPC_TIMEOUT, stream.message())
+        let opened = tokio::time::timeout(RPC_TIMEOUT, mesh_proto::session_opened(&mut stream))
             .await
             .map_err(|_| RegistryError::Timeout("OpenSession"))?
             .map_err(|source| RegistryError::Rpc {
                 op: "OpenSession",
                 source,
             })?;
-        let Some(session_event::Event::Opened(opened)) = first.and_then(|m| m.event) else {
-            return Err(RegistryError::Rpc {
-                op: "OpenSession",
-                source: tonic::Status::internal("first session message is not `opened`"),
-            });
-        };
         let session = Session {
             client: client.clone(),
             id: opened.session_id,

@@ -18,3 +18,31 @@ pub mod v1 {
     )]
     tonic::include_proto!("mesh.v1");
 }
+
+/// Reads the first message of an `OpenSession` stream: the session id that
+/// `RegisterNode`, `UpsertEndpoint` and `DeleteEndpoint` take, and whether the
+/// session took over a previous one of the same node.
+///
+/// The stream must then be kept open (and drained of keepalives): the session
+/// lives exactly as long as it.
+///
+/// # Errors
+///
+/// The stream's own error, or `Status::internal` when it ends before its first
+/// message or the first message is not `opened` (a server that does not speak
+/// this protocol).
+pub async fn session_opened(
+    stream: &mut tonic::Streaming<v1::SessionEvent>,
+) -> Result<v1::SessionOpened, tonic::Status> {
+    match stream.message().await? {
+        Some(v1::SessionEvent {
+            event: Some(v1::session_event::Event::Opened(opened)),
+        }) => Ok(opened),
+        Some(_) => Err(tonic::Status::internal(
+            "the first session message is not `opened`",
+        )),
+        None => Err(tonic::Status::internal(
+            "the session stream ended before its first message",
+        )),
+    }
+}
