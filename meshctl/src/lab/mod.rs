@@ -659,10 +659,7 @@ fn start_apiserver(
         log: layout
             .logs()
             .join(format!("apiserver-{}.log", cluster.name)),
-        env: vec![
-            ("RUST_LOG".into(), "info".into()),
-            ("NO_COLOR".into(), "1".into()),
-        ],
+        env: mesh_daemon_env(),
     })?;
     let what = format!(
         "clustermesh-apiserver of {} to accept gRPC connections on {grpc}",
@@ -723,10 +720,7 @@ fn start_agent(
         program: bins.agent.clone(),
         args,
         log: layout.logs().join(format!("agent-{}.log", node.name)),
-        env: vec![
-            ("RUST_LOG".into(), "info".into()),
-            ("NO_COLOR".into(), "1".into()),
-        ],
+        env: mesh_daemon_env(),
     })?;
     let what = format!(
         "node agent {} to serve its status on {}",
@@ -1034,6 +1028,15 @@ pub fn restart_etcd(lab: &mut LabState, cluster: &str) -> Result<(), LabError> {
         .retain(|p| !(p.role == Role::Etcd && p.cluster == cluster));
     lab.record_process(record)?;
     Ok(())
+}
+
+/// The environment of the mesh's own daemons (apiserver, agents): info logs
+/// without colour codes, since they go to log files.
+fn mesh_daemon_env() -> Vec<(String, String)> {
+    vec![
+        ("RUST_LOG".into(), "info".into()),
+        ("NO_COLOR".into(), "1".into()),
+    ]
 }
 
 #[cfg(test)]
