@@ -14,14 +14,18 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-/// Debian packages needed by the build (protoc for etcd-client and tonic, clang and the
-/// kernel headers it pulls in for the eBPF programs) and by the lab and the tests (etcd,
+/// Debian packages needed by the build (protoc for etcd-client and tonic, with the protobuf
+/// well-known types `google/protobuf/*.proto` that etcd-client's protos import: Debian ships
+/// those in `libprotobuf-dev`, which `protobuf-compiler` only recommends and
+/// `--no-install-recommends` skips; clang and the kernel headers it pulls in for the eBPF
+/// programs) and by the lab and the tests (etcd,
 /// iproute2, tcpdump, iperf3 for the benchmarks, procps for `sysctl` inside namespaces,
 /// bpftool for inspecting maps by hand).
 const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    "libprotobuf-dev",
     "clang",
     "bpftool",
     "iproute2",
