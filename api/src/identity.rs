@@ -1,18 +1,26 @@
 //! Numeric security identities.
 //!
 //! Cilium gives every distinct label set a 32-bit identity. Identities
-//! 1..=255 are reserved (host, world, ...). Everything a cluster allocates
-//! carries the cluster ID in its upper bits so that identities of different
-//! clusters never collide:
+//! 1..=255 are reserved (host, world, ...) and carry no cluster part.
+//! Everything a cluster with ID N > 0 allocates carries N in its upper bits,
+//! so that identities of different clusters never collide; the whole block
+//! belongs to the cluster, local part 0 included:
 //!
 //! ```text
-//! maxConnectedClusters=255: identity = cluster_id << 16 | local, local in 256..=65535
-//! maxConnectedClusters=511: identity = cluster_id << 15 | local, local in 256..=32767
+//! maxConnectedClusters=255: cluster N owns N << 16 ..= (N + 1) << 16 - 1
+//! maxConnectedClusters=511: cluster N owns N << 15 ..= (N + 1) << 15 - 1
 //! ```
 //!
-//! A reader checks that every identity a remote cluster publishes lies inside
-//! that cluster's range ([`cluster_identity_range`]), so no cluster can claim
-//! another cluster's identities.
+//! This is Cilium's `GetMinimalAllocationIdentity` / `GetMaximumAllocationIdentity`
+//! for a cluster ID above 0 (there is no reserved gap at the bottom of the
+//! block), and Cilium agents publish identities anywhere in it. A reader
+//! checks that every identity a remote cluster publishes lies inside that
+//! cluster's block ([`cluster_identity_range`]), so no cluster can claim
+//! another cluster's identities. Our own allocator hands out only
+//! [`allocation_range`], which starts at local part [`MIN_LOCAL_IDENTITY`] so
+//! that the local part of an identity we allocate never reads like a
+//! reserved identity; that is a choice of the writer, not a rule readers
+//! apply.
 
 use std::fmt;
 use std::ops::RangeInclusive;
@@ -21,20 +29,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterId, MaxConnectedClusters};
 
-/// The smallest local part of an allocated identity; below it are the
-/// reserved identities.
+/// The smallest local part our allocator hands out ([`allocation_range`]).
+/// Readers accept every local part, 0 included.
 pub const MIN_LOCAL_IDENTITY: u16 = 256;
 
 /// Errors building an identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
     /// The local part is outside the range of the ID mode.
-    #[error("local identity {local} is out of range: expected {min}..={max} with maxConnectedClusters={mode}")]
+    #[error("local identity {local} is out of range: expected 0..={max} with maxConnectedClusters={mode}")]
     LocalOutOfRange {
         /// The offending local part.
         local: u16,
-        /// The smallest allowed local part.
-        min: u16,
         /// The largest allowed local part.
         max: u32,
         /// The ID mode.
@@ -63,17 +69,16 @@ impl NumericIdentity {
     ///
     /// # Errors
     ///
-    /// [`IdentityError::LocalOutOfRange`] when `local` is below 256 or above
-    /// the mode's maximum (65535, or 32767 with 511 clusters).
+    /// [`IdentityError::LocalOutOfRange`] when `local` is above the mode's
+    /// maximum (65535, or 32767 with 511 clusters).
     pub fn from_parts(
         cluster_id: ClusterId,
         local: u16,
         max: MaxConnectedClusters,
     ) -> Result<Self, IdentityError> {
-        if local < MIN_LOCAL_IDENTITY || u32::from(local) > max.max_local_identity() {
+        if u32::from(local) > max.max_local_identity() {
             return Err(IdentityError::LocalOutOfRange {
                 local,
-                min: MIN_LOCAL_IDENTITY,
                 max: max.max_local_identity(),
                 mode: max,
             });
@@ -123,22 +128,35 @@ impl From<u32> for NumericIdentity {
     }
 }
 
-/// The identities `cluster_id` may allocate in mode `max`:
-/// `cluster_id << shift | 256 ..= cluster_id << shift | max_local`.
+/// The identities that belong to `cluster_id` in mode `max`, Cilium's
+/// allocation block: `cluster_id << shift ..= cluster_id << shift | max_local`.
 ///
 /// ```
 /// use api::{cluster_identity_range, ClusterId, MaxConnectedClusters::*};
 /// let r = cluster_identity_range(ClusterId::new(3, Max255).unwrap(), Max255);
-/// assert_eq!(r, (3 << 16 | 256)..=(3 << 16 | 65535));
+/// assert_eq!(r, (3 << 16)..=(4 << 16) - 1);
 /// let r = cluster_identity_range(ClusterId::new(300, Max511).unwrap(), Max511);
-/// assert_eq!(r, (300 << 15 | 256)..=(300 << 15 | 32767));
+/// assert_eq!(r, (300 << 15)..=(301 << 15) - 1);
 /// ```
 pub fn cluster_identity_range(
     cluster_id: ClusterId,
     max: MaxConnectedClusters,
 ) -> RangeInclusive<u32> {
     let base = u32::from(cluster_id) << max.identity_shift();
-    (base | u32::from(MIN_LOCAL_IDENTITY))..=(base | max.max_local_identity())
+    base..=(base | max.max_local_identity())
+}
+
+/// The identities our allocator hands out for `cluster_id`: the cluster's
+/// block from local part [`MIN_LOCAL_IDENTITY`] on.
+///
+/// ```
+/// use api::{allocation_range, ClusterId, MaxConnectedClusters::*};
+/// let r = allocation_range(ClusterId::new(3, Max255).unwrap(), Max255);
+/// assert_eq!(r, (3 << 16 | 256)..=(3 << 16 | 65535));
+/// ```
+pub fn allocation_range(cluster_id: ClusterId, max: MaxConnectedClusters) -> RangeInclusive<u32> {
+    let block = cluster_identity_range(cluster_id, max);
+    (block.start() | u32::from(MIN_LOCAL_IDENTITY))..=*block.end()
 }
 
 /// The reserved identities of Cilium that the mesh uses.
@@ -260,13 +278,20 @@ mod tests {
 
     #[test]
     fn local_part_limits() {
-        assert!(NumericIdentity::from_parts(cid(1, Max255), 255, Max255).is_err());
+        // Cilium's block starts at N << shift: local parts 0..=255 belong
+        // to the cluster too (they are not reserved identities).
+        for local in [0, 1, 255] {
+            let id = NumericIdentity::from_parts(cid(1, Max255), local, Max255).unwrap();
+            assert_eq!(id.0, 1 << 16 | u32::from(local));
+            assert!(!id.is_reserved());
+            assert!(cluster_identity_range(cid(1, Max255), Max255).contains(&id.0));
+            assert!(!allocation_range(cid(1, Max255), Max255).contains(&id.0));
+        }
         let err = NumericIdentity::from_parts(cid(1, Max511), 32768, Max511).unwrap_err();
         assert_eq!(
             err,
             IdentityError::LocalOutOfRange {
                 local: 32768,
-                min: 256,
                 max: 32767,
                 mode: Max511
             }
@@ -275,11 +300,22 @@ mod tests {
     }
 
     #[test]
+    fn blocks_are_ciliums() {
+        // GetMinimalAllocationIdentity / GetMaximumAllocationIdentity.
+        let r = cluster_identity_range(cid(255, Max255), Max255);
+        assert_eq!(r, 0x00ff_0000..=0x00ff_ffff);
+        let r = cluster_identity_range(cid(511, Max511), Max511);
+        assert_eq!(r, 511 << 15..=0x00ff_ffff);
+        // The KVStoreMesh test data's identity of cluster 255.
+        assert!(cluster_identity_range(cid(255, Max255), Max255).contains(&16_711_681));
+    }
+
+    #[test]
     fn ranges_of_neighbours_do_not_overlap() {
         for max in [Max255, Max511] {
             let a = cluster_identity_range(cid(1, max), max);
             let b = cluster_identity_range(cid(2, max), max);
-            assert!(a.end() < b.start());
+            assert_eq!(a.end() + 1, *b.start());
         }
     }
 

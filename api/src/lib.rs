@@ -68,7 +68,9 @@ pub mod timestamp;
 
 pub use cluster::{ClusterError, ClusterId, ClusterName, MaxConnectedClusters, RemoteScope};
 pub use error::{FieldError, ValidationError};
-pub use identity::{cluster_identity_range, IdentityError, NumericIdentity, ReservedIdentity};
+pub use identity::{
+    allocation_range, cluster_identity_range, IdentityError, NumericIdentity, ReservedIdentity,
+};
 pub use keys::KeyError;
 pub use labels::{Label, LabelError, LabelSet, POD_NAMESPACE_LABEL, POLICY_CLUSTER_LABEL};
 pub use records::{

@@ -172,15 +172,26 @@ fn identity_out_of_range() {
         &format!("cilium/state/identities/v1/id/{foreign}"),
         b"k8s:io.cilium.k8s.policy.cluster=c1;",
         "identity_out_of_range",
-        &[&foreign, "196864..=262143"],
+        &[&foreign, "196608..=262143"],
     );
-    // Cluster 3's bits but a local part below 256.
+    // The last identity of cluster 2's block, one below cluster 3's first.
     refused::<IdentityRecord>(
-        &format!("cilium/state/identities/v1/id/{}", 3 << 16 | 5),
+        &format!("cilium/state/identities/v1/id/{}", (3 << 16) - 1),
         b"k8s:io.cilium.k8s.policy.cluster=c1;",
         "identity_out_of_range",
-        &["196613"],
+        &["196607"],
     );
+    // A local part below 256 is cluster 3's own (Cilium's block starts at
+    // 3 << 16): accepted, for identities and for ipcache entries.
+    for local in [0, 5, 255] {
+        let id = 3 << 16 | local;
+        let key = format!("cilium/state/identities/v1/id/{id}");
+        IdentityRecord::decode(&key, b"k8s:io.cilium.k8s.policy.cluster=c1;", &scope())
+            .unwrap_or_else(|e| panic!("identity {id}: {e}"));
+        let v = edited("ipcache.json", |v| v["ID"] = id.into());
+        IpcacheEntry::decode(IP_KEY, &v, &scope())
+            .unwrap_or_else(|e| panic!("ipcache entry with identity {id}: {e}"));
+    }
     // Reserved identities are not allocated by a cluster.
     refused::<IdentityRecord>(
         "cilium/state/identities/v1/id/2",

@@ -52,7 +52,7 @@ use std::{
     },
 };
 
-use api::cluster_identity_range;
+use api::allocation_range;
 use kvstore::SyncStoreConfig;
 use tokio::sync::{watch, Mutex, MutexGuard};
 use tracing::{info, warn};
@@ -231,7 +231,7 @@ impl Registry {
         };
         let persistence = Persistence::new(backend.clone(), &cluster);
         let snapshot = persistence.load().await.map_err(OpenError::Load)?;
-        let range = cluster_identity_range(config.cluster_id, config.max_connected_clusters);
+        let range = allocation_range(config.cluster_id, config.max_connected_clusters);
         let instance = format!("{:016x}", rand::random::<u64>());
         info!(instance = %instance, "identity allocation instance");
         let allocator = Arc::new(
