@@ -13,6 +13,16 @@
 //! This string is a wire format shared with Cilium: Cilium uses it as the
 //! identity allocator's key, so two writers must produce it byte for byte.
 //!
+//! Reading accepts what Cilium's `NewLabelsFromSortedList` accepts, since a
+//! Cilium cluster's identities are read back with it: labels are split on
+//! `;` (a trailing `;` is optional, empty pieces are skipped); the source is
+//! what precedes the first `:` (`$host` is `reserved:host`, a label without
+//! `:` has source `unspec`, or `reserved` when it starts with `reserved.`);
+//! key and value are split at the first `=` (no `=`: an empty value); a
+//! label with an empty key is skipped, and a later label with the same key
+//! replaces an earlier one, whatever their sources (Cilium keys the set by
+//! label key).
+//!
 //! Keys and values follow Kubernetes label syntax: a key is an optional DNS
 //! subdomain prefix and `/`, then a name of at most 63 characters
 //! `[A-Za-z0-9._-]` starting and ending alphanumeric; a value is empty or
@@ -36,34 +46,12 @@ pub const POD_NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 pub const SOURCE_K8S: &str = "k8s";
 /// Source of the labels of reserved identities.
 pub const SOURCE_RESERVED: &str = "reserved";
+/// Source of a label written without one (Cilium's `LabelSourceUnspec`).
+pub const SOURCE_UNSPEC: &str = "unspec";
 
 /// Errors parsing or validating labels.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LabelError {
-    /// A non-empty label string does not end with `;`.
-    #[error("label string {input:?} does not end with ';'")]
-    MissingTerminator {
-        /// The input (clipped).
-        input: String,
-    },
-    /// Two `;` follow each other.
-    #[error("label string has an empty label at position {index}")]
-    EmptyLabel {
-        /// Index of the empty label (from 0).
-        index: usize,
-    },
-    /// A label lacks the `source:` part.
-    #[error("label {label:?} has no source (expected source:key=value)")]
-    MissingSource {
-        /// The label text (clipped).
-        label: String,
-    },
-    /// A label lacks the `=`.
-    #[error("label {label:?} has no '=' (expected source:key=value)")]
-    MissingEquals {
-        /// The label text (clipped).
-        label: String,
-    },
     /// The source is empty or has characters outside `[a-z0-9-]`.
     #[error("label source {source_name:?} is invalid: must be 1 to 63 characters of lowercase letters, digits and '-'")]
     InvalidSource {
@@ -89,14 +77,6 @@ pub enum LabelError {
         value: String,
         /// The rule it breaks.
         reason: &'static str,
-    },
-    /// The same source and key appear twice.
-    #[error("label {source_name}:{key} appears more than once")]
-    Duplicate {
-        /// The source.
-        source_name: String,
-        /// The key.
-        key: String,
     },
 }
 
@@ -331,37 +311,47 @@ impl fmt::Display for LabelSet {
     }
 }
 
+impl Label {
+    /// Parses one label as Cilium's `ParseLabel` does (see the [module
+    /// docs](self)); `None` for a label with an empty key, which Cilium
+    /// drops.
+    fn parse_cilium(text: &str) -> Result<Option<Self>, LabelError> {
+        const RESERVED_KEY_PREFIX: &str = "reserved.";
+        let (source, rest) = if let Some(rest) = text.strip_prefix('$') {
+            (SOURCE_RESERVED, rest)
+        } else if let Some((source, rest)) = text.split_once(':') {
+            (if source.is_empty() { SOURCE_UNSPEC } else { source }, rest)
+        } else if let Some(rest) = text.strip_prefix(RESERVED_KEY_PREFIX) {
+            (SOURCE_RESERVED, rest)
+        } else {
+            (SOURCE_UNSPEC, text)
+        };
+        let (key, value) = match rest.split_once('=') {
+            // `reserved:=host`: Cilium reads the rest as the key.
+            Some(("", key)) if source == SOURCE_RESERVED => (key, ""),
+            Some((key, value)) => (key, value),
+            None => (rest, ""),
+        };
+        if key.is_empty() {
+            return Ok(None);
+        }
+        Self::new(source, key, value).map(Some)
+    }
+}
+
 impl FromStr for LabelSet {
     type Err = LabelError;
 
-    /// Parses the kvstore form. Labels may come in any order (the set sorts
-    /// them); each must be `source:key=value;` with valid parts, and no source
-    /// and key may appear twice. The empty string is the empty set.
+    /// Parses the kvstore form as Cilium does (see the [module docs](self)):
+    /// labels in any order (the set sorts them), each with a valid source,
+    /// key and value.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.is_empty() {
-            return Ok(Self::new());
-        }
-        let Some(body) = s.strip_suffix(';') else {
-            return Err(LabelError::MissingTerminator { input: clip(s) });
-        };
         let mut set = Self::new();
-        for (index, text) in body.split(';').enumerate() {
-            if text.is_empty() {
-                return Err(LabelError::EmptyLabel { index });
-            }
-            let Some((source, rest)) = text.split_once(':') else {
-                return Err(LabelError::MissingSource { label: clip(text) });
+        for text in s.split(';').filter(|t| !t.is_empty()) {
+            let Some(label) = Label::parse_cilium(text)? else {
+                continue;
             };
-            let Some((key, value)) = rest.split_once('=') else {
-                return Err(LabelError::MissingEquals { label: clip(text) });
-            };
-            let label = Label::new(source, key, value)?;
-            if set.get(&label.source, &label.key).is_some() {
-                return Err(LabelError::Duplicate {
-                    source_name: label.source,
-                    key: label.key,
-                });
-            }
+            set.0.retain(|l| l.key != label.key);
             set.insert(label)?;
         }
         Ok(set)
@@ -435,18 +425,46 @@ mod tests {
     }
 
     #[test]
+    fn parse_reads_what_cilium_reads() {
+        let cases: &[(&str, &str)] = &[
+            // A missing trailing ';' and empty pieces.
+            ("k8s:app=web", "k8s:app=web;"),
+            ("k8s:app=web;;k8s:tier=db", "k8s:app=web;k8s:tier=db;"),
+            ("", ""),
+            (";", ""),
+            // A missing source is `unspec`; `$` and `reserved.` mean reserved.
+            ("app=web;", "unspec:app=web;"),
+            (":app=web;", "unspec:app=web;"),
+            ("$host;", "reserved:host=;"),
+            ("reserved.world", "reserved:world=;"),
+            ("reserved:=host;", "reserved:host=;"),
+            // No '=' is an empty value; an empty key is dropped.
+            ("k8s:app;", "k8s:app=;"),
+            ("k8s:=web;k8s:app=x;", "k8s:app=x;"),
+            // The same key twice: the later wins, whatever the source.
+            ("k8s:app=a;k8s:app=b;", "k8s:app=b;"),
+            ("k8s:app=a;container:app=c;", "container:app=c;"),
+            // KVStoreMesh's test identity of cluster foo.
+            (
+                "key1=value1;key2=value2;k8s:io.cilium.k8s.policy.cluster=foo",
+                "k8s:io.cilium.k8s.policy.cluster=foo;unspec:key1=value1;unspec:key2=value2;",
+            ),
+        ];
+        for (input, want) in cases {
+            let set: LabelSet = input.parse().unwrap_or_else(|e| panic!("{input:?}: {e}"));
+            assert_eq!(set.to_string(), *want, "{input:?}");
+        }
+    }
+
+    #[test]
     fn parse_errors_name_the_offending_part() {
         let cases: &[(&str, &str)] = &[
-            ("k8s:app=web", "does not end with ';'"),
-            ("k8s:app=web;;", "empty label"),
-            ("app=web;", "\"app=web\" has no source"),
-            ("k8s:app;", "\"k8s:app\" has no '='"),
             ("K8S:app=web;", "\"K8S\""),
             ("k8s:-app=web;", "\"-app\""),
             ("k8s:app=-web;", "\"-web\""),
             ("k8s:Ex.com/app=web;", "\"Ex.com/app\""),
             ("k8s:a/b/c=web;", "\"a/b/c\""),
-            ("k8s:app=a;k8s:app=b;", "k8s:app appears more than once"),
+            ("app=a:b;", "\"app=a\""),
         ];
         for (input, needle) in cases {
             let err = input.parse::<LabelSet>().unwrap_err();

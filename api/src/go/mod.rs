@@ -8,6 +8,9 @@
 //! * A `net.IP` is written as its text, `""` when nil.
 //! * A `net.IPNet` (Cilium's `cidr.CIDR`) is `{"IP":"10.1.0.0","Mask":"////AA=="}`,
 //!   the mask being the raw mask bytes in standard padded base64.
+//!
+//! Reading follows Go's `json.Unmarshal` ([`json`]): field names match
+//! case-insensitively, a repeated member overwrites, `null` is the zero value.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -21,6 +24,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::clip;
 use crate::error::{FieldError, ValidationError};
 use crate::MAX_VALUE_BYTES;
+
+mod json;
 
 /// `null` for an empty list, like a nil Go slice.
 pub(crate) mod null_vec {
@@ -181,13 +186,14 @@ pub(crate) fn check_size(key: &str, value: &[u8]) -> Result<(), ValidationError>
     Ok(())
 }
 
-/// Size check, then JSON decode into the wire struct.
+/// Size check, then JSON decode into the wire struct with Go's rules
+/// ([`json`]).
 pub(crate) fn decode_json<W: DeserializeOwned>(
     key: &str,
     value: &[u8],
 ) -> Result<W, ValidationError> {
     check_size(key, value)?;
-    serde_json::from_slice(value).map_err(|source| ValidationError::BadJson {
+    json::from_slice(value).map_err(|source| ValidationError::BadJson {
         key: clip(key),
         source,
     })
