@@ -132,6 +132,17 @@ pub enum ValidationError {
         source: serde_json::Error,
     },
     /// The key is not a key of this kind of record.
+    /// The value is not in the record's binary encoding (EndpointSlices:
+    /// zstd-compressed protobuf).
+    #[error("value of {key} is not {format}: {detail}")]
+    BadBinary {
+        /// The key (clipped).
+        key: String,
+        /// The expected encoding.
+        format: &'static str,
+        /// What the decoder said.
+        detail: String,
+    },
     #[error(transparent)]
     InvalidKey(#[from] KeyError),
     /// A field of the value is malformed.
@@ -224,7 +235,7 @@ impl ValidationError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::TooLarge { .. } => "too_large",
-            Self::NotUtf8 { .. } | Self::BadJson { .. } => "bad_encoding",
+            Self::NotUtf8 { .. } | Self::BadJson { .. } | Self::BadBinary { .. } => "bad_encoding",
             Self::InvalidKey(e) => e.reason(),
             Self::Field { source, .. } => source.reason(),
             Self::ClusterMismatch { .. }
@@ -242,6 +253,7 @@ impl ValidationError {
             Self::TooLarge { key, .. }
             | Self::NotUtf8 { key, .. }
             | Self::BadJson { key, .. }
+            | Self::BadBinary { key, .. }
             | Self::Field { key, .. }
             | Self::ClusterMismatch { key, .. }
             | Self::ClusterIdMismatch { key, .. }

@@ -13,8 +13,10 @@
 //! | identity | `cilium/state/identities/v1/id/<id>` | `cilium/cache/identities/v1/<cluster>/id/<id>` |
 //! | service | `cilium/state/services/v1/<cluster>/<ns>/<name>` | `cilium/cache/services/v1/<cluster>/<ns>/<name>` |
 //! | service export | `cilium/state/serviceexports/v1/<cluster>/<ns>/<name>` | `cilium/cache/serviceexports/v1/<cluster>/<ns>/<name>` |
+//! | EndpointSlice | `cilium/state/endpointslices/v1/<cluster>/<ns>/<slice>` | `cilium/cache/endpointslices/v1/<cluster>/<ns>/<slice>` |
 //! | sync canary | `cilium/synced/<cluster>/<base prefix>` | `cilium/synced/<cluster>/cilium/cache/<kind>/v1` |
 //! | heartbeat | `cilium/.heartbeat` | |
+//! | cluster config required | `cilium/.has-cluster-config` | |
 //!
 //! Parsers accept both the state and the cache layout; where the key carries
 //! a cluster name, it is returned so that the caller can check it.
@@ -42,12 +44,19 @@ pub const IDENTITIES_BASE_PREFIX: &str = "cilium/state/identities/v1";
 pub const SERVICES_BASE_PREFIX: &str = "cilium/state/services/v1";
 /// MCS service exports (wire format).
 pub const SERVICE_EXPORTS_BASE_PREFIX: &str = "cilium/state/serviceexports/v1";
+/// EndpointSlices of global services (wire format; Cilium's service v2).
+pub const ENDPOINT_SLICES_BASE_PREFIX: &str = "cilium/state/endpointslices/v1";
 /// Cluster configs, one key per cluster (wire format).
 pub const CLUSTER_CONFIG_PREFIX: &str = "cilium/cluster-config/";
 /// Sync canaries (wire format).
 pub const SYNCED_PREFIX: &str = "cilium/synced/";
 /// The heartbeat key, rewritten every minute with an RFC 3339 timestamp (wire format).
 pub const HEARTBEAT_KEY: &str = "cilium/.heartbeat";
+/// Written when a clustermesh etcd is set up (wire format; the value is
+/// ignored): its presence tells a reader that the cluster config will be
+/// there, so a missing one is waited for rather than taken as a cluster
+/// without one.
+pub const HAS_CLUSTER_CONFIG_KEY: &str = "cilium/.has-cluster-config";
 
 /// A key that does not fit the layout of its record kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,6 +207,16 @@ pub fn service_exports_prefix(cluster: &ClusterName) -> String {
 /// `cilium/state/serviceexports/v1/<cluster>/<namespace>/<name>`
 pub fn service_export_key(cluster: &ClusterName, namespace: &str, name: &str) -> String {
     format!("{SERVICE_EXPORTS_BASE_PREFIX}/{cluster}/{namespace}/{name}")
+}
+
+/// `cilium/state/endpointslices/v1/<cluster>/`
+pub fn endpoint_slices_prefix(cluster: &ClusterName) -> String {
+    format!("{ENDPOINT_SLICES_BASE_PREFIX}/{cluster}/")
+}
+
+/// `cilium/state/endpointslices/v1/<cluster>/<namespace>/<slice>`
+pub fn endpoint_slice_key(cluster: &ClusterName, namespace: &str, name: &str) -> String {
+    format!("{ENDPOINT_SLICES_BASE_PREFIX}/{cluster}/{namespace}/{name}")
 }
 
 /// `cilium/cluster-config/<cluster>`
@@ -458,13 +477,17 @@ pub fn parse_identity_key(key: &str) -> Result<IdentityKey, KeyError> {
     })
 }
 
-fn parse_namespaced(key: &str, base: &str) -> Result<NamespacedKey, KeyError> {
+fn parse_namespaced(
+    key: &str,
+    base: &str,
+    name_rule: fn(&str) -> Result<(), &'static str>,
+) -> Result<NamespacedKey, KeyError> {
     let (rest, _) = strip_base(key, base)?;
     let [cluster, namespace, name] = segments(key, rest, SERVICE_LAYOUT)?;
     Ok(NamespacedKey {
         cluster: cluster_segment(key, cluster)?,
         namespace: name_segment(key, "namespace", namespace, validate_dns_label)?,
-        name: name_segment(key, "name", name, validate_dns_label)?,
+        name: name_segment(key, "name", name, name_rule)?,
     })
 }
 
@@ -475,7 +498,7 @@ fn parse_namespaced(key: &str, base: &str) -> Result<NamespacedKey, KeyError> {
 /// A [`KeyError`] naming the prefix, layout or segment that is wrong;
 /// namespace and name must be DNS labels.
 pub fn parse_service_key(key: &str) -> Result<NamespacedKey, KeyError> {
-    parse_namespaced(key, SERVICES_BASE_PREFIX)
+    parse_namespaced(key, SERVICES_BASE_PREFIX, validate_dns_label)
 }
 
 /// Parses `cilium/{state,cache}/serviceexports/v1/<cluster>/<namespace>/<name>`.
@@ -484,7 +507,17 @@ pub fn parse_service_key(key: &str) -> Result<NamespacedKey, KeyError> {
 ///
 /// As [`parse_service_key`].
 pub fn parse_service_export_key(key: &str) -> Result<NamespacedKey, KeyError> {
-    parse_namespaced(key, SERVICE_EXPORTS_BASE_PREFIX)
+    parse_namespaced(key, SERVICE_EXPORTS_BASE_PREFIX, validate_dns_label)
+}
+
+/// Parses `cilium/{state,cache}/endpointslices/v1/<cluster>/<namespace>/<slice>`.
+///
+/// # Errors
+///
+/// As [`parse_service_key`], except that the slice name is a DNS subdomain
+/// (Kubernetes object-name syntax: generated slice names may have dots).
+pub fn parse_endpoint_slice_key(key: &str) -> Result<NamespacedKey, KeyError> {
+    parse_namespaced(key, ENDPOINT_SLICES_BASE_PREFIX, validate_dns_subdomain)
 }
 
 /// Parses `cilium/cluster-config/<cluster>`.

@@ -320,7 +320,14 @@ impl Label {
         let (source, rest) = if let Some(rest) = text.strip_prefix('$') {
             (SOURCE_RESERVED, rest)
         } else if let Some((source, rest)) = text.split_once(':') {
-            (if source.is_empty() { SOURCE_UNSPEC } else { source }, rest)
+            (
+                if source.is_empty() {
+                    SOURCE_UNSPEC
+                } else {
+                    source
+                },
+                rest,
+            )
         } else if let Some(rest) = text.strip_prefix(RESERVED_KEY_PREFIX) {
             (SOURCE_RESERVED, rest)
         } else {

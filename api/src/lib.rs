@@ -21,6 +21,7 @@
 //! | [`IdentityRecord`] | `cilium/state/identities/v1/id/<id>` | label string |
 //! | [`ClusterService`] | `cilium/state/services/v1/<cluster>/<ns>/<name>` | JSON |
 //! | [`ServiceExport`] | `cilium/state/serviceexports/v1/<cluster>/<ns>/<name>` | JSON |
+//! | [`ClusterEndpointSlice`] | `cilium/state/endpointslices/v1/<cluster>/<ns>/<slice>` | zstd-compressed protobuf |
 //!
 //! Decoders are as tolerant as Cilium's Go decoder where that is harmless
 //! (unknown fields are ignored, missing fields take their zero value, `null`
@@ -74,9 +75,10 @@ pub use identity::{
 pub use keys::KeyError;
 pub use labels::{Label, LabelError, LabelSet, POD_NAMESPACE_LABEL, POLICY_CLUSTER_LABEL};
 pub use records::{
-    AddressType, ClusterCapabilities, ClusterConfig, ClusterService, IdentityRecord, IpcacheEntry,
+    AddressType, BackendZone, ClientIpConfig, ClusterCapabilities, ClusterConfig,
+    ClusterEndpointSlice, ClusterService, EndpointSlicesExportMode, IdentityRecord, IpcacheEntry,
     L4Addr, L4Protocol, NamedPort, Node, NodeAddress, PortConfiguration, ServiceExport,
-    ServiceExportPort, ServiceImportType,
+    ServiceExportPort, ServiceImportType, SessionAffinity, SessionAffinityConfig,
 };
 pub use timestamp::{Timestamp, TimestampError};
 

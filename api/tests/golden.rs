@@ -172,7 +172,8 @@ fn node_as_cilium_writes_it() {
     value["Annotations"] = Value::Null;
     value["Labels"] = Value::Null;
     value["IPAddresses"] = Value::Array(vec![]);
-    value["NodeIdentity"] = Value::from(0); // a field we do not model: ignored
+    value["NodeIdentity"] = Value::from(0); // older Cilium versions: kept
+    value["SomethingNew"] = Value::from(1); // a field no version has: ignored
     let bytes = serde_json::to_vec(&value).unwrap();
     let node = Node::decode("cilium/state/nodes/v1/c1/node-1", &bytes, &scope()).unwrap();
     assert!(node.annotations.is_empty() && node.labels.is_empty());
@@ -184,7 +185,15 @@ fn node_as_cilium_writes_it() {
         Value::Null,
         "empty slices are null, as in Go"
     );
-    assert!(out.get("NodeIdentity").is_none());
+    assert_eq!(out["NodeIdentity"], Value::from(0));
+    assert!(out.get("SomethingNew").is_none());
+    let plain = Node::decode(
+        "cilium/state/nodes/v1/c1/node-1",
+        &fixture("node.json"),
+        &scope(),
+    )
+    .unwrap();
+    assert!(json(&plain.encode()).get("NodeIdentity").is_none());
 }
 
 #[test]
@@ -293,7 +302,8 @@ fn service_export() {
 
 #[test]
 fn service_export_as_cilium_writes_it() {
-    // Cilium also writes annotations, labels and session affinity: ignored.
+    // Annotations are kept; an empty sessionAffinity (Cilium's headless
+    // test data) reads as None, which is what is written back.
     let bytes = br#"{"cluster":"c1","name":"headless","namespace":"default","annotations":{"a":"b"},"exportCreationTimestamp":"2026-01-01T00:00:00Z","ports":[{"name":"http","protocol":"TCP","port":80}],"type":"Headless","sessionAffinity":""}"#;
     let export = ServiceExport::decode(
         "cilium/state/serviceexports/v1/c1/default/headless",
@@ -304,7 +314,7 @@ fn service_export_as_cilium_writes_it() {
     assert_eq!(export.service_type, ServiceImportType::Headless);
     assert_eq!(
         json(&export.encode()),
-        json(br#"{"cluster":"c1","name":"headless","namespace":"default","exportCreationTimestamp":"2026-01-01T00:00:00Z","ports":[{"name":"http","protocol":"TCP","port":80}],"type":"Headless"}"#)
+        json(br#"{"cluster":"c1","name":"headless","namespace":"default","annotations":{"a":"b"},"exportCreationTimestamp":"2026-01-01T00:00:00Z","ports":[{"name":"http","protocol":"TCP","port":80}],"type":"Headless","sessionAffinity":"None"}"#)
     );
 }
 

@@ -121,7 +121,8 @@ fn fold_eq(key: &str, field: &str) -> bool {
     let same = |k: char, f: char| {
         k == f || k.to_lowercase().eq(f.to_lowercase()) || k.to_uppercase().eq(f.to_uppercase())
     };
-    key.chars().count() == field.chars().count() && key.chars().zip(field.chars()).all(|(k, f)| same(k, f))
+    key.chars().count() == field.chars().count()
+        && key.chars().zip(field.chars()).all(|(k, f)| same(k, f))
 }
 
 /// The members of a JSON object as Go assigns them to a struct with
@@ -362,11 +363,18 @@ mod tests {
 
     #[test]
     fn field_names_match_as_in_go() {
-        let r = decode(r#"{"name":"n1","CLUSTERID":3,"ok":true,"list":[{"ip":"10.0.0.1"}],"nested":{"Ip":"x"}}"#);
+        let r = decode(
+            r#"{"name":"n1","CLUSTERID":3,"ok":true,"list":[{"ip":"10.0.0.1"}],"nested":{"Ip":"x"}}"#,
+        );
         assert_eq!(r.name, "n1");
         assert_eq!(r.cluster_id, 3);
         assert!(r.ok);
-        assert_eq!(r.list, [Inner { ip: "10.0.0.1".into() }]);
+        assert_eq!(
+            r.list,
+            [Inner {
+                ip: "10.0.0.1".into()
+            }]
+        );
         assert_eq!(r.nested.ip, "x");
         // Unicode simple folding: the long s and the Kelvin sign.
         assert!(fold_eq("ſ", "s") && fold_eq("\u{212a}", "k") && fold_eq("Ok", "oK"));
@@ -398,10 +406,15 @@ mod tests {
 
     #[test]
     fn null_is_the_zero_value() {
-        let r = decode(r#"{"Name":null,"ClusterID":null,"Ok":null,"List":null,"Labels":null,"Maybe":null,"Nested":null}"#);
+        let r = decode(
+            r#"{"Name":null,"ClusterID":null,"Ok":null,"List":null,"Labels":null,"Maybe":null,"Nested":null}"#,
+        );
         assert_eq!(r, Record::default());
         assert_eq!(decode("null"), Record::default());
-        assert_eq!(decode(r#"{"Maybe":{"IP":"y"}}"#).maybe, Some(Inner { ip: "y".into() }));
+        assert_eq!(
+            decode(r#"{"Maybe":{"IP":"y"}}"#).maybe,
+            Some(Inner { ip: "y".into() })
+        );
     }
 
     #[test]

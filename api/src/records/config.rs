@@ -1,9 +1,12 @@
 //! The cluster config: `cilium/cluster-config/<cluster>`.
 //!
 //! Wire format (Cilium's `CiliumClusterConfig`):
-//! `{"id":3,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}`.
+//! `{"id":3,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}`,
+//! plus `"endpointSlicesExportMode":"endpointslices-only"` (or
+//! `"services-and-endpointslices"`) from clusters that export EndpointSlices.
 //! `syncedCanaries` and `cached` are omitted when false, `serviceExportsEnabled`
-//! when unknown; a missing `maxConnectedClusters` means 255, as in Cilium.
+//! when unknown, `endpointSlicesExportMode` when services only; a missing
+//! `maxConnectedClusters` means 255, as in Cilium.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +15,44 @@ use crate::error::{FieldError, ValidationError};
 use crate::go::{check_size, decode_json, encode_json};
 use crate::keys;
 use crate::records::at;
+
+/// How a cluster exports the backends of its global services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum EndpointSlicesExportMode {
+    /// Only `cilium/state/services/v1/...` records (wire: the field is absent
+    /// or `""`); every cluster before Cilium's service v2.
+    #[default]
+    ServicesOnly,
+    /// Both service records and `cilium/state/endpointslices/v1/...` records.
+    ServicesAndEndpointSlices,
+    /// Only EndpointSlice records: the backends must be read from those.
+    EndpointSlicesOnly,
+}
+
+impl EndpointSlicesExportMode {
+    /// The wire spelling (`""` for services only).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ServicesOnly => "",
+            Self::ServicesAndEndpointSlices => "services-and-endpointslices",
+            Self::EndpointSlicesOnly => "endpointslices-only",
+        }
+    }
+
+    /// A name for status documents and logs (`services-only` for the empty
+    /// wire value).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ServicesOnly => "services-only",
+            other => other.as_str(),
+        }
+    }
+
+    /// Whether global-service backends come from EndpointSlice records.
+    pub const fn backends_from_endpoint_slices(self) -> bool {
+        matches!(self, Self::EndpointSlicesOnly)
+    }
+}
 
 /// What a cluster's kvstore offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,6 +68,8 @@ pub struct ClusterCapabilities {
     /// Whether MCS service exports are published; `None` when the writer
     /// predates the field.
     pub service_exports_enabled: Option<bool>,
+    /// Where the backends of global services are published.
+    pub endpoint_slices_export_mode: EndpointSlicesExportMode,
 }
 
 /// The config every cluster publishes about itself; read first on connect.
@@ -65,6 +108,12 @@ struct CapabilitiesWire {
         skip_serializing_if = "Option::is_none"
     )]
     service_exports_enabled: Option<bool>,
+    #[serde(
+        rename = "endpointSlicesExportMode",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    endpoint_slices_export_mode: String,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -84,6 +133,11 @@ impl From<ClusterConfig> for Wire {
                 cached: c.capabilities.cached,
                 max_connected_clusters: c.capabilities.max_connected_clusters.as_u32(),
                 service_exports_enabled: c.capabilities.service_exports_enabled,
+                endpoint_slices_export_mode: c
+                    .capabilities
+                    .endpoint_slices_export_mode
+                    .as_str()
+                    .to_owned(),
             },
         }
     }
@@ -106,6 +160,18 @@ impl TryFrom<Wire> for ClusterConfig {
             field: "id",
             source,
         })?;
+        let mode = match w.capabilities.endpoint_slices_export_mode.as_str() {
+            "" => EndpointSlicesExportMode::ServicesOnly,
+            "services-and-endpointslices" => EndpointSlicesExportMode::ServicesAndEndpointSlices,
+            "endpointslices-only" => EndpointSlicesExportMode::EndpointSlicesOnly,
+            other => {
+                return Err(FieldError::Invalid {
+                    field: "capabilities.endpointSlicesExportMode".to_owned(),
+                    value: crate::clip(other),
+                    reason: "expected \"\", services-and-endpointslices or endpointslices-only",
+                })
+            }
+        };
         Ok(Self {
             id,
             capabilities: ClusterCapabilities {
@@ -113,6 +179,7 @@ impl TryFrom<Wire> for ClusterConfig {
                 cached: w.capabilities.cached,
                 max_connected_clusters: max,
                 service_exports_enabled: w.capabilities.service_exports_enabled,
+                endpoint_slices_export_mode: mode,
             },
         })
     }
@@ -129,6 +196,7 @@ impl ClusterConfig {
                 cached: false,
                 max_connected_clusters: max,
                 service_exports_enabled: Some(service_exports_enabled),
+                endpoint_slices_export_mode: EndpointSlicesExportMode::ServicesOnly,
             },
         }
     }

@@ -4,6 +4,11 @@
 //! `{"IP","HostIP","ID","Key","Metadata","K8sNamespace","K8sPodName","K8sPodUID","K8sServiceAccount","NamedPorts"}`
 //! with `K8sPodUID` and `NamedPorts` omitted when empty. The ipcache maps a
 //! pod IP to its security identity and the node (`HostIP`) that hosts it.
+//!
+//! Cilium's struct also has `Mask` (after `IP`), which its writers set to
+//! `null` for endpoint entries; a prefix entry (key `<ip>/<len>`) is never
+//! exported by a clustermesh-apiserver. So a reader accepts `Mask` as `null`
+//! or a full host mask and refuses a shorter one: one entry is one address.
 
 use std::net::IpAddr;
 
@@ -61,6 +66,9 @@ pub struct IpcacheEntry {
 struct Wire {
     #[serde(rename = "IP")]
     ip: String,
+    /// Read only: see the module docs.
+    #[serde(rename = "Mask", skip_serializing)]
+    mask: Option<String>,
     #[serde(rename = "HostIP")]
     host_ip: String,
     #[serde(rename = "ID")]
@@ -100,6 +108,7 @@ impl From<IpcacheEntry> for Wire {
     fn from(e: IpcacheEntry) -> Self {
         Self {
             ip: e.ip.to_string(),
+            mask: None,
             host_ip: ip_text(e.host_ip),
             id: e.id.0,
             key: e.encryption_key,
@@ -132,8 +141,12 @@ impl TryFrom<Wire> for IpcacheEntry {
                 port: p.port,
             })
         })?;
+        let ip = parse_ip("IP", &w.ip)?;
+        if let Some(mask) = &w.mask {
+            check_host_mask(ip, mask)?;
+        }
         Ok(Self {
-            ip: parse_ip("IP", &w.ip)?,
+            ip,
             host_ip: parse_optional_ip("HostIP", &w.host_ip)?,
             id: NumericIdentity(w.id),
             encryption_key: w.key,
@@ -144,6 +157,30 @@ impl TryFrom<Wire> for IpcacheEntry {
             k8s_service_account: w.k8s_service_account,
             named_ports,
         })
+    }
+}
+
+/// A `Mask` must cover the whole address (Go's `net.IPMask` bytes, base64).
+fn check_host_mask(ip: IpAddr, mask: &str) -> Result<(), FieldError> {
+    use base64::Engine as _;
+    let invalid = |reason| FieldError::Invalid {
+        field: "Mask".to_owned(),
+        value: clip(mask),
+        reason,
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(mask)
+        .map_err(|_| invalid("the mask is not standard base64"))?;
+    let full_length = match ip {
+        IpAddr::V4(_) => bytes.len() == 4 || bytes.len() == 16,
+        IpAddr::V6(_) => bytes.len() == 16,
+    };
+    if full_length && bytes.iter().all(|b| *b == 0xff) {
+        Ok(())
+    } else {
+        Err(invalid(
+            "only host entries are accepted (Mask null or all ones); a prefix entry is not an endpoint",
+        ))
     }
 }
 

@@ -15,18 +15,23 @@ use crate::cluster::{ClusterId, ClusterName, RemoteScope};
 use crate::error::{FieldError, ValidationError};
 
 mod config;
+pub mod endpoint_slice;
 mod identity;
 mod ipcache;
 mod node;
 mod service;
 mod service_export;
 
-pub use config::{ClusterCapabilities, ClusterConfig};
+pub use config::{ClusterCapabilities, ClusterConfig, EndpointSlicesExportMode};
+pub use endpoint_slice::ClusterEndpointSlice;
 pub use identity::IdentityRecord;
 pub use ipcache::{IpcacheEntry, NamedPort};
 pub use node::{AddressType, Node, NodeAddress};
-pub use service::{ClusterService, L4Addr, PortConfiguration};
-pub use service_export::{ServiceExport, ServiceExportPort, ServiceImportType};
+pub use service::{BackendZone, ClusterService, L4Addr, PortConfiguration};
+pub use service_export::{
+    ClientIpConfig, ServiceExport, ServiceExportPort, ServiceImportType, SessionAffinity,
+    SessionAffinityConfig,
+};
 
 /// A layer-4 protocol as Cilium and Kubernetes spell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

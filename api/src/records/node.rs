@@ -3,7 +3,9 @@
 //! Wire format: Cilium's `nodeTypes.Node`, whose Go fields have no JSON tags,
 //! so the keys are the Go field names (`Name`, `IPv4AllocCIDR`, ...). CIDRs
 //! are `{"IP":"10.1.0.0","Mask":"////AA=="}` with the mask bytes in base64;
-//! unset IPs are `""`; empty lists are `null`.
+//! unset IPs are `""`; empty lists are `null`. Cilium versions before 1.16
+//! also write `NodeIdentity` (between `Annotations` and `WireguardPubKey`);
+//! it is kept when present and written back only then.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -113,6 +115,9 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
     /// The node's annotations.
     pub annotations: BTreeMap<String, String>,
+    /// The node's own security identity (`NodeIdentity`), as older Cilium
+    /// versions publish it; `None` when the record has no such field.
+    pub node_identity: Option<u32>,
     /// The node's WireGuard public key, base64 (empty: none).
     pub wireguard_pub_key: String,
     /// The node's boot ID.
@@ -154,6 +159,8 @@ struct Wire {
     labels: BTreeMap<String, String>,
     #[serde(rename = "Annotations", deserialize_with = "null_map")]
     annotations: BTreeMap<String, String>,
+    #[serde(rename = "NodeIdentity", skip_serializing_if = "Option::is_none")]
+    node_identity: Option<u32>,
     #[serde(rename = "WireguardPubKey")]
     wireguard_pub_key: String,
     #[serde(rename = "BootID")]
@@ -197,6 +204,7 @@ impl From<Node> for Wire {
             encryption_key: n.encryption_key,
             labels: n.labels,
             annotations: n.annotations,
+            node_identity: n.node_identity,
             wireguard_pub_key: n.wireguard_pub_key,
             boot_id: n.boot_id,
         }
@@ -265,6 +273,7 @@ impl TryFrom<Wire> for Node {
             encryption_key: w.encryption_key,
             labels: w.labels,
             annotations: w.annotations,
+            node_identity: w.node_identity,
             wireguard_pub_key: w.wireguard_pub_key,
             boot_id: w.boot_id,
         })
@@ -291,6 +300,7 @@ impl Node {
             encryption_key: 0,
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
+            node_identity: None,
             wireguard_pub_key: String::new(),
             boot_id: String::new(),
         }

@@ -1,7 +1,10 @@
 //! Global services: `cilium/state/services/v1/<cluster>/<namespace>/<name>`.
 //!
 //! Wire format: Cilium's `ClusterService`:
-//! `{"cluster","namespace","name","frontends":{"10.96.0.10":{"http":{"Protocol":"TCP","Port":80}}},"backends":{...},"labels":{},"selector":{},"includeExternal":true,"shared":true,"clusterID":3}`.
+//! `{"cluster","namespace","name","frontends":{"10.96.0.10":{"http":{"Protocol":"TCP","Port":80}}},"backends":{...},"labels":{},"selector":{},"includeExternal":true,"shared":true,"clusterID":3}`,
+//! with `"hostnames":{"<backend ip>":"<hostname>"}` and
+//! `"zones":{"<backend ip>":{"zone":"z1","forZones":[{"name":"z1"}]}}` after
+//! `backends` when not empty.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -10,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterId, ClusterName, RemoteScope};
 use crate::error::{FieldError, ValidationError};
-use crate::go::{check_size, decode_json, encode_json, null_map, parse_ip};
+use crate::go::{check_size, decode_json, encode_json, null_map, null_vec, parse_ip};
 use crate::keys;
 use crate::records::{
     at, cluster_field, cluster_id_field, expect_cluster, expect_cluster_id, expect_namespaced,
@@ -30,6 +33,15 @@ pub struct L4Addr {
 /// Port name → port, for one frontend or backend IP.
 pub type PortConfiguration = BTreeMap<String, L4Addr>;
 
+/// The topology zone of a backend (Cilium's `BackendZone`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct BackendZone {
+    /// The zone the backend runs in.
+    pub zone: String,
+    /// The zones the backend should serve (EndpointSlice hints), in order.
+    pub for_zones: Vec<String>,
+}
+
 /// A service of one cluster as shared with the mesh: its frontends (cluster
 /// IPs) and the backends this cluster contributes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +57,10 @@ pub struct ClusterService {
     pub frontends: BTreeMap<IpAddr, PortConfiguration>,
     /// Backend IP → its ports.
     pub backends: BTreeMap<IpAddr, PortConfiguration>,
+    /// Backend IP → its hostname (StatefulSet pods), where known.
+    pub hostnames: BTreeMap<IpAddr, String>,
+    /// Backend IP → its topology zone, where known.
+    pub zones: BTreeMap<IpAddr, BackendZone>,
     /// The service's labels.
     pub labels: BTreeMap<String, String>,
     /// The service's pod selector.
@@ -69,6 +85,16 @@ struct Wire {
     frontends: BTreeMap<String, PortsWire>,
     #[serde(deserialize_with = "null_map")]
     backends: BTreeMap<String, PortsWire>,
+    #[serde(
+        deserialize_with = "null_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    hostnames: BTreeMap<String, String>,
+    #[serde(
+        deserialize_with = "null_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    zones: BTreeMap<String, ZoneWire>,
     #[serde(deserialize_with = "null_map")]
     labels: BTreeMap<String, String>,
     #[serde(deserialize_with = "null_map")]
@@ -78,6 +104,31 @@ struct Wire {
     shared: bool,
     #[serde(rename = "clusterID")]
     cluster_id: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct ZoneWire {
+    zone: String,
+    #[serde(rename = "forZones", with = "null_vec")]
+    for_zones: Vec<ForZoneWire>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct ForZoneWire {
+    name: String,
+}
+
+/// Parses the backend-IP keys of `map` (field `field`), converting values.
+fn by_backend_ip<W, T>(
+    field: &str,
+    map: BTreeMap<String, W>,
+    convert: impl Fn(W) -> T,
+) -> Result<BTreeMap<IpAddr, T>, FieldError> {
+    map.into_iter()
+        .map(|(ip, v)| Ok((parse_ip(&format!("{field} key"), &ip)?, convert(v))))
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -143,6 +194,26 @@ impl From<ClusterService> for Wire {
             name: s.name,
             frontends: ports_to_wire(s.frontends),
             backends: ports_to_wire(s.backends),
+            hostnames: s
+                .hostnames
+                .into_iter()
+                .map(|(ip, h)| (ip.to_string(), h))
+                .collect(),
+            zones: s
+                .zones
+                .into_iter()
+                .map(|(ip, z)| {
+                    let wire = ZoneWire {
+                        zone: z.zone,
+                        for_zones: z
+                            .for_zones
+                            .into_iter()
+                            .map(|name| ForZoneWire { name })
+                            .collect(),
+                    };
+                    (ip.to_string(), wire)
+                })
+                .collect(),
             labels: s.labels,
             selector: s.selector,
             include_external: s.include_external,
@@ -162,6 +233,11 @@ impl TryFrom<Wire> for ClusterService {
             name: w.name,
             frontends: ports_from_wire("frontends", w.frontends)?,
             backends: ports_from_wire("backends", w.backends)?,
+            hostnames: by_backend_ip("hostnames", w.hostnames, |h| h)?,
+            zones: by_backend_ip("zones", w.zones, |z| BackendZone {
+                zone: z.zone,
+                for_zones: z.for_zones.into_iter().map(|f| f.name).collect(),
+            })?,
             labels: w.labels,
             selector: w.selector,
             include_external: w.include_external,
@@ -185,6 +261,8 @@ impl ClusterService {
             name: name.into(),
             frontends: BTreeMap::new(),
             backends: BTreeMap::new(),
+            hostnames: BTreeMap::new(),
+            zones: BTreeMap::new(),
             labels: BTreeMap::new(),
             selector: BTreeMap::new(),
             include_external: true,

@@ -1,9 +1,17 @@
 //! MCS service exports: `cilium/state/serviceexports/v1/<cluster>/<namespace>/<name>`.
 //!
-//! Wire format (Cilium's `MCSAPIServiceSpec`, the fields the schema fixes):
-//! `{"cluster","name","namespace","exportCreationTimestamp","ports":[{"name","protocol","port"}],"type":"ClusterSetIP"}`.
-//! Cilium also writes `annotations`, `labels`, `sessionAffinity` and
-//! `sessionAffinityConfig`; they are read and ignored.
+//! Wire format: Cilium's `MCSAPIServiceSpec`, every field in Go's order:
+//! `{"cluster","name","namespace","annotations","labels","exportCreationTimestamp",
+//! "ports":[{"name","protocol","appProtocol","port"}],"type":"ClusterSetIP",
+//! "sessionAffinity":"None","sessionAffinityConfig":{"clientIP":{"timeoutSeconds":10800}},
+//! "ipFamilies":["IPv4"],"internalTrafficPolicy":"Cluster","trafficDistribution":"PreferClose"}`,
+//! where `annotations`, `labels`, `appProtocol`, `sessionAffinityConfig`,
+//! `ipFamilies`, `internalTrafficPolicy` and `trafficDistribution` are
+//! omitted when empty. Cilium refuses an export without `sessionAffinity`,
+//! so it is always written (`None` by default); reading, a missing one is
+//! `None`. Values Cilium's `validate` refuses are refused with the field.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -44,8 +52,44 @@ pub struct ServiceExportPort {
     pub name: String,
     /// The protocol.
     pub protocol: L4Protocol,
+    /// The application protocol (`appProtocol`), when given.
+    pub app_protocol: Option<String>,
     /// The port number.
     pub port: u16,
+}
+
+/// Session affinity of an exported service (Kubernetes `ServiceAffinity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SessionAffinity {
+    /// `None`: no affinity.
+    #[default]
+    None,
+    /// `ClientIP`: a client sticks to one backend.
+    ClientIp,
+}
+
+impl SessionAffinity {
+    /// The wire spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "None",
+            Self::ClientIp => "ClientIP",
+        }
+    }
+}
+
+/// `sessionAffinityConfig` (Kubernetes `SessionAffinityConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct SessionAffinityConfig {
+    /// `clientIP`; `None` when the object is absent.
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+/// `sessionAffinityConfig.clientIP`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ClientIpConfig {
+    /// `timeoutSeconds`, when given.
+    pub timeout_seconds: Option<i32>,
 }
 
 /// A service exported under the Kubernetes Multi-Cluster Services API.
@@ -62,6 +106,20 @@ pub struct ServiceExport {
     pub export_creation_timestamp: Option<Timestamp>,
     /// The service's ports.
     pub ports: Vec<ServiceExportPort>,
+    /// The exported annotations (`ServiceExport.spec.exportedAnnotations`).
+    pub annotations: BTreeMap<String, String>,
+    /// The exported labels (`ServiceExport.spec.exportedLabels`).
+    pub labels: BTreeMap<String, String>,
+    /// The service's session affinity.
+    pub session_affinity: SessionAffinity,
+    /// The session affinity's settings, when given.
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    /// The service's IP families (`IPv4`, `IPv6`), in order.
+    pub ip_families: Vec<String>,
+    /// `Cluster` or `Local`, when given.
+    pub internal_traffic_policy: Option<String>,
+    /// `PreferClose`, `PreferSameZone` or `PreferSameNode`, when given.
+    pub traffic_distribution: Option<String>,
     /// Whether the service has a clusterset IP.
     pub service_type: ServiceImportType,
 }
@@ -72,12 +130,35 @@ struct Wire {
     cluster: String,
     name: String,
     namespace: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
     #[serde(rename = "exportCreationTimestamp")]
     export_creation_timestamp: Option<String>,
     #[serde(with = "null_vec")]
     ports: Vec<PortWire>,
     #[serde(rename = "type")]
     service_type: String,
+    #[serde(rename = "sessionAffinity")]
+    session_affinity: String,
+    #[serde(
+        rename = "sessionAffinityConfig",
+        skip_serializing_if = "Option::is_none"
+    )]
+    session_affinity_config: Option<AffinityConfigWire>,
+    #[serde(rename = "ipFamilies", skip_serializing_if = "Vec::is_empty")]
+    ip_families: Vec<String>,
+    #[serde(
+        rename = "internalTrafficPolicy",
+        skip_serializing_if = "Option::is_none"
+    )]
+    internal_traffic_policy: Option<String>,
+    #[serde(
+        rename = "trafficDistribution",
+        skip_serializing_if = "Option::is_none"
+    )]
+    traffic_distribution: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -86,7 +167,23 @@ struct PortWire {
     #[serde(skip_serializing_if = "String::is_empty")]
     name: String,
     protocol: String,
+    #[serde(rename = "appProtocol", skip_serializing_if = "Option::is_none")]
+    app_protocol: Option<String>,
     port: u16,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct AffinityConfigWire {
+    #[serde(rename = "clientIP", skip_serializing_if = "Option::is_none")]
+    client_ip: Option<ClientIpWire>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct ClientIpWire {
+    #[serde(rename = "timeoutSeconds", skip_serializing_if = "Option::is_none")]
+    timeout_seconds: Option<i32>,
 }
 
 impl From<ServiceExport> for Wire {
@@ -95,6 +192,8 @@ impl From<ServiceExport> for Wire {
             cluster: e.cluster.into_string(),
             name: e.name,
             namespace: e.namespace,
+            annotations: e.annotations,
+            labels: e.labels,
             export_creation_timestamp: e.export_creation_timestamp.map(|t| t.to_string()),
             ports: e
                 .ports
@@ -102,11 +201,39 @@ impl From<ServiceExport> for Wire {
                 .map(|p| PortWire {
                     name: p.name,
                     protocol: p.protocol.to_string(),
+                    app_protocol: p.app_protocol,
                     port: p.port,
                 })
                 .collect(),
             service_type: e.service_type.as_str().to_owned(),
+            session_affinity: e.session_affinity.as_str().to_owned(),
+            session_affinity_config: e.session_affinity_config.map(|c| AffinityConfigWire {
+                client_ip: c.client_ip.map(|ip| ClientIpWire {
+                    timeout_seconds: ip.timeout_seconds,
+                }),
+            }),
+            ip_families: e.ip_families,
+            internal_traffic_policy: e.internal_traffic_policy,
+            traffic_distribution: e.traffic_distribution,
         }
+    }
+}
+
+/// `value` of `field` must be one of `allowed` (Cilium's `validate`).
+fn one_of(
+    field: &str,
+    value: &str,
+    allowed: &[&str],
+    reason: &'static str,
+) -> Result<(), FieldError> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(FieldError::Invalid {
+            field: field.to_owned(),
+            value: clip(value),
+            reason,
+        })
     }
 }
 
@@ -128,9 +255,40 @@ impl TryFrom<Wire> for ServiceExport {
             Ok(ServiceExportPort {
                 protocol: L4Protocol::parse_field(format!("{at}.protocol"), &p.protocol)?,
                 name: p.name,
+                app_protocol: p.app_protocol,
                 port: p.port,
             })
         })?;
+        let session_affinity = match w.session_affinity.as_str() {
+            "" | "None" => SessionAffinity::None,
+            "ClientIP" => SessionAffinity::ClientIp,
+            other => {
+                return Err(FieldError::Invalid {
+                    field: "sessionAffinity".to_owned(),
+                    value: clip(other),
+                    reason: "expected None or ClientIP",
+                })
+            }
+        };
+        each_element("ipFamilies", w.ip_families.clone(), |at, f| {
+            one_of(at, &f, &["IPv4", "IPv6"], "expected IPv4 or IPv6")
+        })?;
+        if let Some(p) = &w.internal_traffic_policy {
+            one_of(
+                "internalTrafficPolicy",
+                p,
+                &["Cluster", "Local"],
+                "expected Cluster or Local",
+            )?;
+        }
+        if let Some(d) = &w.traffic_distribution {
+            one_of(
+                "trafficDistribution",
+                d,
+                &["PreferClose", "PreferSameZone", "PreferSameNode"],
+                "expected PreferClose, PreferSameZone or PreferSameNode",
+            )?;
+        }
         let service_type = match w.service_type.as_str() {
             "ClusterSetIP" => ServiceImportType::ClusterSetIp,
             "Headless" => ServiceImportType::Headless,
@@ -149,6 +307,17 @@ impl TryFrom<Wire> for ServiceExport {
             export_creation_timestamp,
             ports,
             service_type,
+            annotations: w.annotations,
+            labels: w.labels,
+            session_affinity,
+            session_affinity_config: w.session_affinity_config.map(|c| SessionAffinityConfig {
+                client_ip: c.client_ip.map(|ip| ClientIpConfig {
+                    timeout_seconds: ip.timeout_seconds,
+                }),
+            }),
+            ip_families: w.ip_families,
+            internal_traffic_policy: w.internal_traffic_policy,
+            traffic_distribution: w.traffic_distribution,
         })
     }
 }
