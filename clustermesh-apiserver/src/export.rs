@@ -246,7 +246,10 @@ pub async fn put_if_changed(
     Ok(true)
 }
 
-/// Writes the cluster config (`cilium/cluster-config/<cluster>`) if it differs.
+/// Writes `cilium/.has-cluster-config` (Cilium writes it when it sets up a
+/// clustermesh etcd: readers then wait for a config that is not there yet
+/// instead of taking the cluster for one without a config), then the
+/// cluster config (`cilium/cluster-config/<cluster>`), each if it differs.
 ///
 /// # Errors
 ///
@@ -255,6 +258,7 @@ pub async fn write_cluster_config(
     backend: &dyn kvstore::Backend,
     info: &ClusterInfo,
 ) -> Result<bool, kvstore::BackendError> {
+    put_if_changed(backend, keys::HAS_CLUSTER_CONFIG_KEY, b"true").await?;
     let config = ClusterConfig::new(info.id, info.max, false);
     put_if_changed(backend, &ClusterConfig::key(&info.name), &config.encode()).await
 }

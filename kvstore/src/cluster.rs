@@ -12,7 +12,9 @@ use api::{ClusterConfig, ClusterName, ValidationError};
 use backon::BackoffBuilder;
 use tracing::{debug, warn};
 
-use crate::backend::{BackendError, KvWrite, LeaseId, ListWatch};
+use crate::backend::{BackendError, KvWrite, LeaseId, ListWatch, WatchEvent};
+use api::keys::HAS_CLUSTER_CONFIG_KEY;
+
 use crate::keys::{rfc3339_now, HEARTBEAT_KEY};
 
 /// Errors reading or writing the cluster config.
@@ -34,6 +36,17 @@ pub enum ClusterConfigError {
         cluster: ClusterName,
         /// The key looked up.
         key: String,
+    },
+    /// The etcd says a config will be there (`cilium/.has-cluster-config`),
+    /// but none appeared within the wait.
+    #[error("cluster config of {cluster} expected under {key} (cilium/.has-cluster-config is set), but none appeared within {waited:?}")]
+    NotFoundAfterWait {
+        /// The cluster.
+        cluster: ClusterName,
+        /// The key waited for.
+        key: String,
+        /// How long.
+        waited: Duration,
     },
     /// The stored value is invalid.
     #[error("cluster config of {cluster} is invalid")]
@@ -96,6 +109,91 @@ pub async fn read_cluster_config(
     })
 }
 
+/// How long [`read_required_cluster_config`] waits for a config that the
+/// etcd promises (Cilium's agents wait three minutes).
+pub const CLUSTER_CONFIG_WAIT: Duration = Duration::from_secs(180);
+
+/// Reads `cluster`'s config as a Cilium agent does: when it is absent but
+/// the etcd has `cilium/.has-cluster-config` (written when a clustermesh
+/// etcd is set up, before any config), the config is on its way, so this
+/// calls `on_wait` and then waits up to `wait` for it to be written (a watch
+/// on the key, no polling).
+///
+/// # Errors
+///
+/// As [`read_cluster_config`]; [`ClusterConfigError::NotFoundAfterWait`]
+/// when the promised config does not appear in time.
+pub async fn read_required_cluster_config(
+    backend: &dyn ListWatch,
+    cluster: &ClusterName,
+    wait: Duration,
+    on_wait: impl FnOnce(),
+) -> Result<ClusterConfig, ClusterConfigError> {
+    use futures::StreamExt as _;
+
+    let backend_error = |source| ClusterConfigError::Backend {
+        cluster: cluster.clone(),
+        source,
+    };
+    match read_cluster_config(backend, cluster).await {
+        Err(ClusterConfigError::NotFound { .. }) => {}
+        other => return other,
+    }
+    let promised = backend
+        .get(HAS_CLUSTER_CONFIG_KEY)
+        .await
+        .map_err(backend_error)?
+        .is_some();
+    let key = ClusterConfig::key(cluster);
+    if !promised {
+        return Err(ClusterConfigError::NotFound {
+            cluster: cluster.clone(),
+            key,
+        });
+    }
+    on_wait();
+    let decode = |value: &[u8]| {
+        ClusterConfig::decode(&key, value, cluster).map_err(|source| ClusterConfigError::Invalid {
+            cluster: cluster.clone(),
+            source,
+        })
+    };
+    let waiting = async {
+        // List (the key may have appeared meanwhile), then watch from there.
+        let listing = backend.list(&key).await.map_err(backend_error)?;
+        if let Some(kv) = listing.kvs.iter().find(|kv| kv.key == key) {
+            return decode(&kv.value);
+        }
+        let mut stream = backend
+            .watch(&key, listing.revision + 1)
+            .await
+            .map_err(backend_error)?;
+        while let Some(batch) = stream.next().await {
+            for event in batch.map_err(backend_error)? {
+                // The watch is on a prefix: `c1` also sees `c10`.
+                if let WatchEvent::Put(kv) = event {
+                    if kv.key == key {
+                        return decode(&kv.value);
+                    }
+                }
+            }
+        }
+        Err(backend_error(BackendError::WatchCanceled {
+            prefix: key.clone(),
+            reason: "the watch ended".to_owned(),
+        }))
+    };
+    tokio::time::timeout(wait, waiting)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClusterConfigError::NotFoundAfterWait {
+                cluster: cluster.clone(),
+                key: key.clone(),
+                waited: wait,
+            })
+        })
+}
+
 /// The heartbeat period of Cilium (one minute).
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(60);
 
@@ -140,5 +238,88 @@ pub async fn run_heartbeat(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use api::{ClusterId, MaxConnectedClusters};
+
+    use super::*;
+    use crate::MemoryBackend;
+
+    const WAIT: Duration = Duration::from_secs(180);
+
+    fn config() -> ClusterConfig {
+        let max = MaxConnectedClusters::Max255;
+        ClusterConfig::new(ClusterId::new(2, max).unwrap(), max, false)
+    }
+
+    fn c(name: &str) -> ClusterName {
+        name.parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_marker_a_missing_config_is_not_waited_for() {
+        let m = MemoryBackend::new();
+        let waited = AtomicBool::new(false);
+        let err = read_required_cluster_config(&m, &c("c2"), WAIT, || {
+            waited.store(true, Ordering::Relaxed)
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ClusterConfigError::NotFound { .. }), "{err}");
+        assert!(!waited.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_marker_the_config_is_waited_for() {
+        let m = Arc::new(MemoryBackend::new());
+        m.put(HAS_CLUSTER_CONFIG_KEY, b"true", None).await.unwrap();
+        let writer = m.clone();
+        let start = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            // Another cluster whose name has c2 as a prefix: not ours.
+            let mut other = config();
+            other.id = ClusterId::new(10, MaxConnectedClusters::Max255).unwrap();
+            write_cluster_config(writer.as_ref(), &c("c20"), &other, None)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            write_cluster_config(writer.as_ref(), &c("c2"), &config(), None)
+                .await
+                .unwrap();
+        });
+        let waited = AtomicBool::new(false);
+        let got = read_required_cluster_config(m.as_ref(), &c("c2"), WAIT, || {
+            waited.store(true, Ordering::Relaxed)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, config());
+        assert!(waited.load(Ordering::Relaxed));
+        assert_eq!(start.elapsed(), Duration::from_secs(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_promised_config_that_never_comes_times_out_clearly() {
+        let m = MemoryBackend::new();
+        m.put(HAS_CLUSTER_CONFIG_KEY, b"true", None).await.unwrap();
+        let err = read_required_cluster_config(&m, &c("c2"), WAIT, || {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClusterConfigError::NotFoundAfterWait { waited, .. } if waited == WAIT),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("cilium/cluster-config/c2") && text.contains(".has-cluster-config"),
+            "{text}"
+        );
     }
 }

@@ -86,7 +86,8 @@ pub use backend::{
     MAX_TXN_OPS,
 };
 pub use cluster::{
-    read_cluster_config, run_heartbeat, write_cluster_config, ClusterConfigError, HEARTBEAT_PERIOD,
+    read_cluster_config, read_required_cluster_config, run_heartbeat, write_cluster_config,
+    ClusterConfigError, CLUSTER_CONFIG_WAIT, HEARTBEAT_PERIOD,
 };
 pub use config::{connect, ConfigError, ConnectError, EtcdConfig, TlsMaterial, TlsPaths};
 pub use etcd::EtcdBackend;

@@ -317,3 +317,35 @@ async fn rejects_and_counts_invalid_records() {
     )
     .await;
 }
+
+/// With `cached`, a reader takes the KVStoreMesh layout: records under
+/// `cilium/cache/ip/v1/<cluster>/`, `Synced` only after the cache's canary,
+/// and nothing from the cluster's own state prefix.
+#[tokio::test(start_paused = true)]
+async fn a_cached_reader_reads_the_cache_layout_and_its_canary() {
+    use crate::KvWrite as _;
+    let m = MemoryBackend::new();
+    let config = WatchStoreConfig {
+        wait_for_canary: true,
+        cached: true,
+        ..WatchStoreConfig::default()
+    };
+    let (r, mut events) = WatchStore::<IpcacheEntry>::spawn(Arc::new(m.clone()), scope(), config);
+    let cached = entry(1, 300);
+    let state = entry(2, 300);
+    let cache_key = format!("cilium/cache/ip/v1/c1/{}", cached.ip);
+    m.put(&cache_key, &cached.encode(), None).await.unwrap();
+    m.put(&state.key(), &state.encode(), None).await.unwrap();
+    // The state layout's canary does not count for a cached reader.
+    m.put("cilium/synced/c1/cilium/state/ip/v1", b"t", None)
+        .await
+        .unwrap();
+    assert!(matches!(events.recv().await, Some(Event::Upsert(e)) if *e == cached));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!r.is_synced(), "synced before the cache's canary");
+    m.put("cilium/synced/c1/cilium/cache/ip/v1", b"t", None)
+        .await
+        .unwrap();
+    assert_eq!(events.recv().await, Some(Event::Synced));
+    assert_eq!(r.keys(), [cache_key].into());
+}

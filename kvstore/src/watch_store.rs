@@ -59,9 +59,12 @@ pub struct WatchStoreConfig {
     pub retry_min: Duration,
     /// Longest such delay (default 5 s); jittered.
     pub retry_max: Duration,
-    /// Watch this prefix instead of `R::prefix(cluster)` (e.g. a
-    /// KVStoreMesh cache prefix).
-    pub prefix: Option<String>,
+    /// Read the KVStoreMesh cache layout: the records under
+    /// `cilium/cache/<kind>/v1/<cluster>/` and the canary
+    /// `cilium/synced/<cluster>/cilium/cache/<kind>/v1`, where a cluster
+    /// config with `"cached":true` says they are (default false: the
+    /// cluster's own `R::prefix(cluster)` and canary).
+    pub cached: bool,
 }
 
 impl Default for WatchStoreConfig {
@@ -71,7 +74,7 @@ impl Default for WatchStoreConfig {
             event_buffer: 1024,
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
-            prefix: None,
+            cached: false,
         }
     }
 }
@@ -172,13 +175,16 @@ impl<R: Resource> WatchStore<R> {
             stats: WatchStats::default(),
             task: Mutex::new(None),
         });
-        let prefix = config
-            .prefix
-            .clone()
-            .unwrap_or_else(|| R::prefix(&scope.cluster));
+        let (prefix, base) = if config.cached {
+            let base = api::keys::cache_base_prefix(R::BASE_PREFIX)
+                .unwrap_or_else(|| R::BASE_PREFIX.to_owned());
+            (api::keys::cache_prefix::<R>(&scope.cluster), base)
+        } else {
+            (R::prefix(&scope.cluster), R::BASE_PREFIX.to_owned())
+        };
         let canary = config
             .wait_for_canary
-            .then(|| api::keys::sync_canary_key(&scope.cluster, R::BASE_PREFIX));
+            .then(|| api::keys::sync_canary_key(&scope.cluster, &base));
         let span = tracing::info_span!(
             "watch_store",
             kind = R::KIND,

@@ -45,7 +45,12 @@ fn fill_from_stores(status: &mut ClusterStatus, entry: &clusters::ClusterEntry) 
     status.num_nodes = stores.nodes.len() as u64;
     status.num_endpoints = stores.endpoints.len() as u64;
     status.num_identities = stores.identities.len() as u64;
-    status.num_shared_services = stores.services.list().iter().filter(|s| s.shared).count() as u64;
+    status.num_shared_services = stores
+        .services
+        .exports(&stores.scope)
+        .iter()
+        .filter(|s| s.shared)
+        .count() as u64;
     status.synced = stores.synced();
     status.rejected = stores.rejected();
     status.ready = status.connected && status.synced.all();
@@ -191,6 +196,7 @@ pub async fn run(
         local_id: config.cluster_id,
         max_connected: config.max_connected_clusters,
         backoff: (Duration::from_millis(200), Duration::from_secs(30)),
+        cluster_config_wait: kvstore::CLUSTER_CONFIG_WAIT,
     };
     let local_source = match &config.etcd {
         EtcdSource::Endpoints(eps) => clusters::EtcdSource::Endpoints(eps.clone()),

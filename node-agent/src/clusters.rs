@@ -46,7 +46,10 @@ use std::{
     time::Duration,
 };
 
-use api::{ClusterName, ClusterService, IdentityRecord, IpcacheEntry, Node, RemoteScope, Resource};
+use api::{
+    ClusterConfig, ClusterEndpointSlice, ClusterName, ClusterService, IdentityRecord, IpcacheEntry,
+    Node, RemoteScope, Resource,
+};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::BoxFuture;
 use kvstore::{Event, ListWatch, WatchStore, WatchStoreConfig};
@@ -230,10 +233,78 @@ pub struct ClusterStores {
     pub endpoints: WatchStore<IpcacheEntry>,
     /// Identities.
     pub identities: WatchStore<IdentityRecord>,
-    /// Services.
-    pub services: WatchStore<ClusterService>,
+    /// Global services, from service records or EndpointSlices.
+    pub services: ServiceSource,
     /// Endpoint and node changes the reconciler has not applied yet.
     pub changes: Arc<Changes>,
+}
+
+/// Where a cluster publishes the backends of its global services, as its
+/// cluster config's `endpointSlicesExportMode` says: service records
+/// (`cilium/state/services/v1`, every cluster but Cilium's service-v2
+/// `endpointslices-only` ones) or EndpointSlice records.
+#[derive(Debug)]
+pub enum ServiceSource {
+    /// `cilium/state/services/v1/<cluster>/...`
+    Services(WatchStore<ClusterService>),
+    /// `cilium/state/endpointslices/v1/<cluster>/...`
+    EndpointSlices(WatchStore<ClusterEndpointSlice>),
+}
+
+impl ServiceSource {
+    /// The cluster's exported services as service records: for
+    /// EndpointSlices, one record per `(namespace, service)` holding the
+    /// backends of all its slices (shared: a cluster exports slices only for
+    /// services it shares), in name order.
+    pub fn exports(&self, scope: &RemoteScope) -> Vec<Arc<ClusterService>> {
+        match self {
+            Self::Services(store) => store.list(),
+            Self::EndpointSlices(store) => {
+                let mut by_service: BTreeMap<(String, String), ClusterService> = BTreeMap::new();
+                for slice in store.list() {
+                    let Some(service) = slice.service_name() else {
+                        continue;
+                    };
+                    let record = by_service
+                        .entry((slice.namespace.clone(), service.to_owned()))
+                        .or_insert_with(|| {
+                            ClusterService::new(
+                                scope.cluster.clone(),
+                                scope.cluster_id,
+                                slice.namespace.clone(),
+                                service,
+                            )
+                        });
+                    record.backends.extend(slice.backends());
+                }
+                by_service.into_values().map(Arc::new).collect()
+            }
+        }
+    }
+
+    /// Whether the store completed its initial listing.
+    pub fn is_synced(&self) -> bool {
+        match self {
+            Self::Services(store) => store.is_synced(),
+            Self::EndpointSlices(store) => store.is_synced(),
+        }
+    }
+
+    /// Waits for the initial listing.
+    pub async fn wait_until_synced(&self) {
+        match self {
+            Self::Services(store) => store.wait_until_synced().await,
+            Self::EndpointSlices(store) => store.wait_until_synced().await,
+        }
+    }
+
+    /// Rejected records by reason.
+    pub fn rejected_by_reason(&self) -> BTreeMap<&'static str, u64> {
+        match self {
+            Self::Services(store) => store.stats().rejected_by_reason(),
+            Self::EndpointSlices(store) => store.stats().rejected_by_reason(),
+        }
+    }
 }
 
 /// What changed in one connection's stores, for the reconciler's
@@ -330,7 +401,7 @@ impl ClusterStores {
             self.nodes.stats().rejected_by_reason(),
             self.endpoints.stats().rejected_by_reason(),
             self.identities.stats().rejected_by_reason(),
-            self.services.stats().rejected_by_reason(),
+            self.services.rejected_by_reason(),
         ] {
             for (reason, n) in by_reason {
                 *out.entry(reason.to_owned()).or_default() += n;
@@ -499,6 +570,9 @@ pub struct Context {
     pub max_connected: u16,
     /// Backoff bounds of reconnects.
     pub backoff: (Duration, Duration),
+    /// How long to wait for a cluster config that the etcd promises
+    /// (`cilium/.has-cluster-config`); [`kvstore::CLUSTER_CONFIG_WAIT`].
+    pub cluster_config_wait: Duration,
 }
 
 impl std::fmt::Debug for Context {
@@ -587,7 +661,22 @@ impl Context {
                 }
             }
         };
-        let config = match kvstore::read_cluster_config(backend.as_ref(), &name).await {
+        let waiting = || {
+            self.set_status(cluster, |s| {
+                s.status = format!(
+                    "waiting for {} (cilium/.has-cluster-config is set)",
+                    ClusterConfig::key(&name)
+                );
+            });
+        };
+        let config = match kvstore::read_required_cluster_config(
+            backend.as_ref(),
+            &name,
+            self.cluster_config_wait,
+            waiting,
+        )
+        .await
+        {
             Ok(c) => c,
             Err(source) => {
                 return ClusterError::ClusterConfig {
@@ -633,6 +722,7 @@ impl Context {
         let scope = config.scope(name.clone());
         let store_config = WatchStoreConfig {
             wait_for_canary: config.capabilities.synced_canaries,
+            cached: config.capabilities.cached,
             ..WatchStoreConfig::default()
         };
         let mut forwarders = Vec::new();
@@ -654,9 +744,18 @@ impl Context {
         let identities = self.store(&streams, &mut forwarders, |_: &IdentityRecord| {
             Route::Nobody
         });
-        let services = self.store(&streams, &mut forwarders, |_: &ClusterService| {
-            Route::Services
-        });
+        let mode = config.capabilities.endpoint_slices_export_mode;
+        let services = if mode.backends_from_endpoint_slices() {
+            ServiceSource::EndpointSlices(self.store(
+                &streams,
+                &mut forwarders,
+                |_: &ClusterEndpointSlice| Route::Services,
+            ))
+        } else {
+            ServiceSource::Services(self.store(&streams, &mut forwarders, |_: &ClusterService| {
+                Route::Services
+            }))
+        };
         let stores = Arc::new(ClusterStores {
             scope: scope.clone(),
             nodes,
@@ -677,9 +776,16 @@ impl Context {
         });
         self.set_status(cluster, |s| {
             s.connected = true;
+            s.kvstoremesh = config.capabilities.cached;
+            s.endpoint_slices_export_mode = mode.name().to_owned();
             s.status = "waiting for initial sync".to_owned();
         });
-        info!(id, "connected");
+        info!(
+            id,
+            cached = config.capabilities.cached,
+            services = mode.name(),
+            "connected"
+        );
         let _abort = AbortOnDrop(forwarders);
         let mut probe = tokio::time::interval(PROBE_PERIOD);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -950,7 +1056,7 @@ pub(crate) mod test_support {
     use api::{ClusterId, ClusterName, MaxConnectedClusters, RemoteScope, Resource};
     use kvstore::{KvWrite, MemoryBackend, WatchStore, WatchStoreConfig};
 
-    use super::{ClusterEntry, ClusterStores};
+    use super::{ClusterEntry, ClusterStores, ServiceSource};
 
     /// The identity layout the tests use.
     pub(crate) const MAX: MaxConnectedClusters = MaxConnectedClusters::Max255;
@@ -978,7 +1084,7 @@ pub(crate) mod test_support {
             nodes: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
             endpoints: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
             identities: WatchStore::spawn(backend.clone(), scope.clone(), cfg.clone()).0,
-            services: WatchStore::spawn(backend, scope.clone(), cfg).0,
+            services: ServiceSource::Services(WatchStore::spawn(backend, scope.clone(), cfg).0),
             scope,
             changes: Default::default(),
         };
@@ -1046,15 +1152,7 @@ mod tests {
         kvstore::write_cluster_config(backend.as_ref(), &name, &config, None)
             .await
             .unwrap();
-        let ctx = Context {
-            mesh: Arc::default(),
-            hub: Arc::default(),
-            connector: Arc::new(Memory(backend.clone())),
-            local_name: "c1".into(),
-            local_id: 1,
-            max_connected: 255,
-            backoff: (Duration::from_millis(10), Duration::from_millis(100)),
-        };
+        let ctx = memory_context(&backend);
         let task = ctx.spawn_cluster("c2".into(), EtcdSource::Endpoints(Vec::new()), false);
         let deadline = Duration::from_secs(10);
         let stores = testkit::wait_for(deadline, "c2's stores synced", || async {
@@ -1107,6 +1205,153 @@ mod tests {
             ]
         );
         assert_eq!(stores.identities.len(), 1, "the identity was read");
+        task.abort();
+    }
+
+    fn memory_context(backend: &Arc<kvstore::MemoryBackend>) -> Context {
+        Context {
+            mesh: Arc::default(),
+            hub: Arc::default(),
+            connector: Arc::new(Memory(backend.clone())),
+            local_name: "c1".into(),
+            local_id: 1,
+            max_connected: 255,
+            backoff: (Duration::from_millis(10), Duration::from_millis(100)),
+            cluster_config_wait: kvstore::CLUSTER_CONFIG_WAIT,
+        }
+    }
+
+    fn status_of(ctx: &Context, cluster: &str) -> ClusterStatus {
+        ctx.hub
+            .clusters()
+            .into_iter()
+            .find(|c| c.name == cluster)
+            .unwrap_or_default()
+    }
+
+    /// An etcd with `cilium/.has-cluster-config` but no config yet: the task
+    /// says it waits, and connects as soon as the config is written.
+    #[tokio::test]
+    async fn a_promised_cluster_config_is_waited_for() {
+        use kvstore::KvWrite as _;
+        let backend = Arc::new(kvstore::MemoryBackend::new());
+        backend
+            .put(api::keys::HAS_CLUSTER_CONFIG_KEY, b"true", None)
+            .await
+            .unwrap();
+        let ctx = memory_context(&backend);
+        let task = ctx.spawn_cluster("c2".into(), EtcdSource::Endpoints(Vec::new()), false);
+        let deadline = Duration::from_secs(10);
+        testkit::eventually!(deadline, "the status to say it waits for the config", {
+            status_of(&ctx, "c2")
+                .status
+                .contains("waiting for cilium/cluster-config/c2")
+        });
+        assert_eq!(
+            status_of(&ctx, "c2").num_failures,
+            0,
+            "waiting is no failure"
+        );
+        let max = api::MaxConnectedClusters::Max255;
+        let mut config = api::ClusterConfig::new(api::ClusterId::new(2, max).unwrap(), max, false);
+        config.capabilities.synced_canaries = false;
+        kvstore::write_cluster_config(backend.as_ref(), &"c2".parse().unwrap(), &config, None)
+            .await
+            .unwrap();
+        testkit::eventually!(deadline, "c2 connected and synced", {
+            status_of(&ctx, "c2").ready
+        });
+        task.abort();
+    }
+
+    /// A cluster config with `"cached":true` and `endpointslices-only`: the
+    /// stores read `cilium/cache/...` (a record in the state layout is not
+    /// seen), and the global services come from the EndpointSlice records.
+    #[tokio::test]
+    async fn a_kvstoremesh_cache_in_endpointslices_mode_is_read_there() {
+        use api::records::endpoint_slice::{SliceAddressType, SliceEndpoint, SlicePort};
+        use kvstore::KvWrite as _;
+        let backend = Arc::new(kvstore::MemoryBackend::new());
+        let name: ClusterName = "c2".parse().unwrap();
+        let max = api::MaxConnectedClusters::Max255;
+        let id = api::ClusterId::new(2, max).unwrap();
+        let mut config = api::ClusterConfig::new(id, max, false);
+        config.capabilities.cached = true;
+        config.capabilities.endpoint_slices_export_mode =
+            api::EndpointSlicesExportMode::EndpointSlicesOnly;
+        kvstore::write_cluster_config(backend.as_ref(), &name, &config, None)
+            .await
+            .unwrap();
+        for kind in ["nodes", "ip", "identities", "endpointslices"] {
+            let canary = format!("cilium/synced/c2/cilium/cache/{kind}/v1");
+            backend
+                .put(&canary, b"2026-12-04T00:00:00Z", None)
+                .await
+                .unwrap();
+        }
+        let mut node = Node::new("m1", name.clone(), id);
+        node.set_address(api::AddressType::InternalIp, "192.168.2.2".parse().unwrap());
+        backend
+            .put("cilium/cache/nodes/v1/c2/m1", &node.encode(), None)
+            .await
+            .unwrap();
+        let mut stray = Node::new("m2", name.clone(), id);
+        stray.set_address(api::AddressType::InternalIp, "192.168.2.3".parse().unwrap());
+        backend
+            .put(&stray.key(), &stray.encode(), None)
+            .await
+            .unwrap();
+        let slice = ClusterEndpointSlice {
+            cluster: name.clone(),
+            cluster_id: id,
+            namespace: "default".into(),
+            name: "web-abcde".into(),
+            labels: [("kubernetes.io/service-name".to_owned(), "web".to_owned())].into(),
+            annotations: BTreeMap::new(),
+            address_type: SliceAddressType::Ipv4,
+            endpoints: vec![SliceEndpoint {
+                addresses: vec!["10.2.1.7".parse().unwrap()],
+                ..SliceEndpoint::default()
+            }],
+            ports: vec![SlicePort {
+                name: Some("http".into()),
+                protocol: None,
+                port: Some(8080),
+            }],
+        };
+        backend
+            .put(
+                "cilium/cache/endpointslices/v1/c2/default/web-abcde",
+                &slice.encode(),
+                None,
+            )
+            .await
+            .unwrap();
+        let ctx = memory_context(&backend);
+        let task = ctx.spawn_cluster("c2".into(), EtcdSource::Endpoints(Vec::new()), false);
+        let deadline = Duration::from_secs(10);
+        let stores = testkit::wait_for(deadline, "c2's stores synced", || async {
+            ctx.mesh
+                .snapshot()
+                .get("c2")
+                .and_then(|e| e.current.clone())
+                .filter(|s| s.synced().all())
+        })
+        .await;
+        let nodes: Vec<String> = stores.nodes.list().iter().map(|n| n.name.clone()).collect();
+        assert_eq!(nodes, ["m1"], "only the cache layout is read");
+        let exports = stores.services.exports(&stores.scope);
+        assert_eq!(exports.len(), 1);
+        assert_eq!(
+            (exports[0].namespace.as_str(), exports[0].name.as_str()),
+            ("default", "web")
+        );
+        let port = exports[0].backends[&"10.2.1.7".parse::<IpAddr>().unwrap()]["http"];
+        assert_eq!((port.protocol, port.port), (api::L4Protocol::Tcp, 8080));
+        testkit::eventually!(deadline, "the status to name the cache and the mode", {
+            let s = status_of(&ctx, "c2");
+            s.kvstoremesh && s.endpoint_slices_export_mode == "endpointslices-only"
+        });
         task.abort();
     }
 

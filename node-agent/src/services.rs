@@ -449,7 +449,7 @@ fn remote_exports(
     let mut out: BTreeMap<(String, String), Vec<RemoteExport>> = BTreeMap::new();
     for (name, entry) in clusters.iter().filter(|(_, e)| !e.local && !e.refused) {
         for stores in entry.sources() {
-            for service in stores.services.list() {
+            for service in stores.services.exports(&stores.scope) {
                 out.entry((service.namespace.clone(), service.name.clone()))
                     .or_default()
                     .push(RemoteExport {

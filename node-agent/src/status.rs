@@ -82,6 +82,13 @@ pub struct ClusterStatus {
     pub synced: Synced,
     /// Records refused by validation, by reason.
     pub rejected: BTreeMap<String, u64>,
+    /// The records are read from a KVStoreMesh cache (`"cached":true` in
+    /// the cluster config: `cilium/cache/...`), as Cilium's `kvstoremesh`.
+    pub kvstoremesh: bool,
+    /// Where the cluster publishes its global services' backends:
+    /// `services-only`, `services-and-endpointslices` or
+    /// `endpointslices-only` (then read from its EndpointSlice records).
+    pub endpoint_slices_export_mode: String,
 }
 
 /// Reconciler counters.
