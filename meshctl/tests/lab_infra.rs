@@ -52,9 +52,11 @@ fn put_plain(netns: &str, kvs: Vec<(String, String)>) {
     .expect("enter control namespace");
 }
 
+/// Reads the facts through `config` installed as a file, from inside `netns`.
 fn read_facts_from(netns: &str, config: EtcdConfig) -> Result<config::ClusterFacts, ExternalError> {
-    ip::in_netns(netns, move || external::read_facts(&config, "test", None))
-        .expect("enter node namespace")
+    let dir = tempfile::tempdir().unwrap();
+    let path = config.install(dir.path(), "external").unwrap();
+    external::read_facts(&path, None, Some(netns))
 }
 
 fn lab_objects(name: &str, root: &Path) -> Vec<String> {
@@ -142,7 +144,7 @@ fn topology_mtls_etcd_and_down() {
             ),
             (
                 "cilium/state/nodes/v1/c2/c2-n1".into(),
-                r#"{"Name":"c2-n1","Cluster":"c2","IPv4AllocCIDR":{"IP":"10.2.1.0","Mask":"////AA=="}}"#
+                r#"{"Name":"c2-n1","Cluster":"c2","IPv4AllocCIDR":{"IP":"10.2.1.0","Mask":"////AA=="},"ClusterID":2}"#
                     .into(),
             ),
         ],
@@ -172,21 +174,24 @@ fn topology_mtls_etcd_and_down() {
         ..good.clone()
     };
     let err = read_facts_from(&c1n1, rogue).unwrap_err();
-    assert!(matches!(err, ExternalError::Etcd { .. }), "{err}");
+    assert!(matches!(err, ExternalError::Connect { .. }), "{err}");
     let anonymous = EtcdConfig {
         cert_file: None,
         key_file: None,
         ..good.clone()
     };
     let err = read_facts_from(&c1n1, anonymous).unwrap_err();
-    assert!(matches!(err, ExternalError::Etcd { .. }), "{err}");
+    assert!(matches!(err, ExternalError::Connect { .. }), "{err}");
 
     // The config file installs in Cilium's layout and loads back.
     let agent_dir = state.clusters[0].nodes[0].clustermesh_dir.clone();
     let path = good.install(&agent_dir, "c2").unwrap();
     let loaded = EtcdConfig::load(&path).unwrap();
+    assert_eq!(loaded.endpoints, good.endpoints);
     assert_eq!(
-        read_facts_from(&c1n1, loaded).unwrap().name,
+        external::read_facts(&path, None, Some(&c1n1))
+            .unwrap()
+            .name,
         "c2",
         "installed config works"
     );

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Errors of config files and connect checks.
@@ -84,11 +84,11 @@ pub enum ConfigError {
         /// One cluster.
         a: String,
         /// Its CIDR.
-        a_cidr: Ipv4Net,
+        a_cidr: IpNet,
         /// The other.
         b: String,
         /// Its CIDR.
-        b_cidr: Ipv4Net,
+        b_cidr: IpNet,
     },
 }
 
@@ -238,8 +238,8 @@ pub struct ClusterFacts {
     pub name: String,
     /// Its ID.
     pub id: u32,
-    /// Its pod CIDRs.
-    pub pod_cidrs: Vec<Ipv4Net>,
+    /// Its pod CIDRs (IPv4 and IPv6).
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 /// Checks that `a` and `b` can join one mesh: distinct names, distinct IDs and

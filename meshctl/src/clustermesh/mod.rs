@@ -32,7 +32,9 @@ pub enum ExternalConnectError {
 
 /// Connects lab cluster `source` to the external cluster behind the
 /// Cilium-style etcd config `file`: reads the external cluster's name, ID and
-/// pod CIDRs from its etcd, refuses a clash with any lab cluster, then installs
+/// pod CIDRs from its etcd (from inside `source`'s control namespace, where
+/// the lab's agents reach it from too: lab addresses exist only inside the
+/// lab), refuses a clash with any lab cluster, then installs
 /// the config into every node agent of `source`. Returns the external
 /// cluster's name. (The other direction is the external cluster's to set up,
 /// with a config from `meshctl clustermesh export`.)
@@ -48,7 +50,7 @@ pub fn connect_external(
 ) -> Result<String, ExternalConnectError> {
     let src = find_cluster(lab, source)?.clone();
     let etcd = EtcdConfig::load(file)?;
-    let facts = external::read_facts(&etcd, &file.display().to_string(), name)?;
+    let facts = external::read_facts(file, name, Some(&src.control_netns))?;
     for cluster in &lab.clusters {
         config::check_compatible(&cluster_facts(lab, cluster), &facts)?;
     }

@@ -790,7 +790,7 @@ pub fn cluster_facts(lab: &LabState, cluster: &ClusterState) -> ClusterFacts {
         origin: format!("lab {} cluster {}", lab.name, cluster.name),
         name: cluster.name.clone(),
         id: u32::from(cluster.id),
-        pod_cidrs: vec![cluster.pod_cidr],
+        pod_cidrs: vec![cluster.pod_cidr.into()],
     }
 }
 
