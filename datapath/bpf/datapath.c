@@ -478,6 +478,29 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, __u32 l3_off, stru
 	return 0;
 }
 
+/* See SERVICE_LOOPBACK in datapath.h. */
+static __always_inline void service_loopback(__u8 family, __u8 *addr)
+{
+	__builtin_memset(addr, 0, 16);
+	if (family == FAMILY_IPV4) {
+		addr[0] = 169;
+		addr[1] = 254;
+		addr[2] = 42;
+		addr[3] = 1;
+	} else {
+		addr[0] = 0xfe;
+		addr[1] = 0x80;
+		addr[15] = 1;
+	}
+}
+
+static __always_inline int same_addr(const __u8 *a, const __u8 *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	return x[0] == y[0] && x[1] == y[1];
+}
+
 static __always_inline int lb_proto(const struct pkt *p)
 {
 	/* Non-first fragments carry no ports (0): they are never translated. */
@@ -520,13 +543,16 @@ static __always_inline const struct backend_value *lb_select(const struct pkt *p
 }
 
 /* from_pod: a packet to a service frontend gets a backend as destination.
+ * A client that is its own backend (hairpin) also gets the service loopback
+ * address as source, or its kernel would drop the packet (source = its own
+ * address); the reverse entry is then keyed by the reply to that address.
  * 0: not a service, or translated (p updated); else a DROP_* reason. */
 static __always_inline int lb_translate(struct __sk_buff *skb, __u32 l3_off, struct pkt *p)
 {
 	struct service_key sk = { .port = p->dport, .proto = p->proto, .family = p->family };
 	struct ct_key fk, rk;
 	__u32 backend_id = 0;
-	__u8 addr[16];
+	__u8 addr[16], client[16];
 	__u16 port;
 
 	if (!lb_proto(p))
@@ -541,34 +567,49 @@ static __always_inline int lb_translate(struct __sk_buff *skb, __u32 l3_off, str
 		return DROP_NO_BACKEND;
 	__builtin_memcpy(addr, be->addr, 16);
 	port = be->port;
+	int hairpin = same_addr(addr, p->saddr);
+	if (hairpin)
+		service_loopback(p->family, client);
+	else
+		__builtin_memcpy(client, p->saddr, 16);
 
 	/* The reverse entry, keyed by the reply as the backend sends it. */
 	__builtin_memset(&rk, 0, sizeof(rk));
 	__builtin_memcpy(rk.saddr, addr, 16);
-	__builtin_memcpy(rk.daddr, p->saddr, 16);
+	__builtin_memcpy(rk.daddr, client, 16);
 	rk.sport = port;
 	rk.dport = p->sport;
 	rk.proto = p->proto;
 	rk.family = p->family;
 	rk.dir = CT_REVERSE;
+	__u8 flags = hairpin ? CT_F_HAIRPIN : 0;
 	struct ct_value *old = bpf_map_lookup_elem(&lb_ct, &rk);
-	if (!old || old->backend_id != backend_id || old->service_id != svc->service_id) {
-		struct ct_value rv = { .port = p->dport, .service_id = svc->service_id, .backend_id = backend_id };
+	if (!old || old->backend_id != backend_id || old->service_id != svc->service_id || old->flags != flags) {
+		struct ct_value rv = {
+			.port = p->dport, .flags = flags, .service_id = svc->service_id, .backend_id = backend_id
+		};
 
 		__builtin_memcpy(rv.addr, p->daddr, 16);
 		bpf_map_update_elem(&lb_ct, &rk, &rv, BPF_ANY);
 	}
-	return nat_rewrite(skb, l3_off, p, NAT_DST, addr, port) < 0 ? DROP_HEADER_REWRITE : 0;
+	if (nat_rewrite(skb, l3_off, p, NAT_DST, addr, port) < 0)
+		return DROP_HEADER_REWRITE;
+	if (hairpin && nat_rewrite(skb, l3_off, p, NAT_SRC, client, p->sport) < 0)
+		return DROP_HEADER_REWRITE;
+	return 0;
 }
 
 /* Before delivery to a local pod (and in from_pod, for a reply that a local
  * backend sends): a reply of a translated flow gets the frontend back as its
- * source. 0: not a reply of a translated flow; 1: rewritten (p updated);
- * -1: rewrite failed. */
+ * source, and a hairpin reply its client back as destination. Only from_pod
+ * can see a hairpin reply (the pod sent it to the service loopback address):
+ * the other callers deliver only to a local pod's address, which the
+ * loopback address never is. 0: not a reply of a translated flow; 1:
+ * rewritten (p updated); -1: rewrite failed. */
 static __always_inline int lb_reverse(struct __sk_buff *skb, __u32 l3_off, struct pkt *p)
 {
 	struct ct_key rk;
-	__u8 addr[16];
+	__u8 addr[16], client[16];
 
 	if (!lb_proto(p))
 		return 0;
@@ -576,8 +617,27 @@ static __always_inline int lb_reverse(struct __sk_buff *skb, __u32 l3_off, struc
 	const struct ct_value *rv = bpf_map_lookup_elem(&lb_ct, &rk);
 	if (!rv)
 		return 0;
+	int hairpin = rv->flags & CT_F_HAIRPIN;
 	__builtin_memcpy(addr, rv->addr, 16);
-	return nat_rewrite(skb, l3_off, p, NAT_SRC, addr, rv->port) < 0 ? -1 : 1;
+	/* The hairpin's client is the backend itself: the reply's source. */
+	__builtin_memcpy(client, p->saddr, 16);
+	if (nat_rewrite(skb, l3_off, p, NAT_SRC, addr, rv->port) < 0)
+		return -1;
+	if (hairpin && nat_rewrite(skb, l3_off, p, NAT_DST, client, p->dport) < 0)
+		return -1;
+	return 1;
+}
+
+/* A pod's reply to the IPv6 service loopback address (fe80::1, link-local)
+ * is a hairpin reply, not link traffic. */
+static __always_inline int to_service_loopback(const struct pkt *p)
+{
+	__u8 loopback[16];
+
+	if (p->family != FAMILY_IPV6 || !lb_proto(p))
+		return 0;
+	service_loopback(FAMILY_IPV6, loopback);
+	return same_addr(p->daddr, loopback);
 }
 
 /* ---- programs ---- */
@@ -594,7 +654,7 @@ int from_pod(struct __sk_buff *skb)
 		return TC_ACT_OK; /* ARP and friends: the pod's gateway neighbour is static */
 	if (r != PARSE_OK)
 		return drop(skb, &p, DROP_INVALID_PACKET, &f);
-	if (link_scoped(&p))
+	if (link_scoped(&p) && !to_service_loopback(&p))
 		return TC_ACT_OK;
 
 	const struct endpoint_info *src = lookup_endpoint(p.family, p.saddr);

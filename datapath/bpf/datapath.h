@@ -132,13 +132,28 @@ struct ct_key {
  * length 40. Mirrored by datapath::lb::flow_hash. */
 #define FLOW_HASH_SEED 0x6d657368U
 
+/* CT_REVERSE of a hairpin flow: the client is its own backend, so the
+ * forward direction also rewrote the source to the service loopback address
+ * (see SERVICE_LOOPBACK_IPV4/6) and the entry is keyed by the reply to that
+ * address; the reply's destination is restored to the client (its source). */
+#define CT_F_HAIRPIN (1U << 0)
+
 struct ct_value {
 	__u8 addr[16]; /* CT_REVERSE: frontend address */
 	__u16 port;    /* CT_REVERSE: frontend port, network byte order */
-	__u8 pad[2];
+	__u8 flags;    /* CT_REVERSE: CT_F_*; was padding, so older entries read 0 */
+	__u8 pad;
 	__u32 service_id;
 	__u32 backend_id;
 };
+
+/* The service loopback addresses (Cilium's --ipv4/ipv6-service-loopback-
+ * address): the source a pod's packet to its own service carries once it is
+ * translated back to the pod itself, since a packet from the pod's own
+ * address to that address is a martian to the pod's kernel. IPv4
+ * 169.254.42.1; IPv6 fe80::1, the pods' IPv6 gateway, whose permanent
+ * neighbour entry sends the pod's replies back to from_pod. Written by
+ * service_loopback() in datapath.c; datapath::SERVICE_LOOPBACK_V4/V6 in Rust. */
 
 /* policy: hash. Lookup lands with the policy issue. */
 #define POLICY_INGRESS 0

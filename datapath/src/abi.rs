@@ -42,6 +42,8 @@ pub const BACKEND_STATE_QUARANTINED: u8 = 2;
 pub const CT_FORWARD: u8 = 0;
 /// `ct_key.dir`: the backend's reply to the client.
 pub const CT_REVERSE: u8 = 1;
+/// `CT_F_HAIRPIN`: a reverse entry of a flow whose client is its own backend.
+pub const CT_F_HAIRPIN: u8 = 1 << 0;
 
 /// Seed of the flow hash that picks a Maglev slot (`FLOW_HASH_SEED`).
 pub const FLOW_HASH_SEED: u32 = 0x6d65_7368;
@@ -163,7 +165,8 @@ pub struct CtKey {
 pub struct CtValue {
     pub addr: [u8; 16],
     pub port: u16,
-    pub pad: [u8; 2],
+    pub flags: u8,
+    pub pad: u8,
     pub service_id: u32,
     pub backend_id: u32,
 }

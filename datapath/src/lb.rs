@@ -732,6 +732,17 @@ fn murmur_step(h: u32, k: u32) -> u32 {
         .wrapping_add(0xe654_6b64)
 }
 
+/// The IPv4 service loopback address: the source `from_pod` gives a pod's
+/// packet to its own service when the backend chosen is the pod itself
+/// (hairpin), as Cilium's `--ipv4-service-loopback-address` (`service_loopback`
+/// in `bpf/datapath.c`). Replies to it are translated back in `from_pod`.
+pub const SERVICE_LOOPBACK_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 42, 1);
+
+/// The IPv6 service loopback address: `fe80::1`, the pods' IPv6 gateway
+/// (as Cilium's `--ipv6-service-loopback-address`); see [`SERVICE_LOOPBACK_V4`].
+pub const SERVICE_LOOPBACK_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
 /// The flow hash `from_pod` computes to pick a Maglev slot (`flow_hash` in
 /// `bpf/datapath.c`, defined at `FLOW_HASH_SEED` in `bpf/datapath.h`): the
 /// slot of a new flow from `src` to `dst` is `flow_hash(..) % M`. Words are

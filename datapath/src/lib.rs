@@ -88,6 +88,18 @@
 //! routing, WireGuard). The `CT_REVERSE` entry gives the frontend address
 //! and port, written as the source with the same checksum updates.
 //!
+//! **Hairpin**: a pod may reach its own service and be picked as the
+//! backend (replicas, health checks). Translated to itself, the packet would
+//! carry the pod's own address as source and destination, which the pod's
+//! kernel drops as a martian. So, as Cilium does, such a flow is also
+//! source-translated to the service loopback address ([`SERVICE_LOOPBACK_V4`]
+//! `169.254.42.1`, [`SERVICE_LOOPBACK_V6`] `fe80::1`, the source port kept),
+//! and its `CT_REVERSE` entry (flag `CT_F_HAIRPIN`) is keyed by the reply to
+//! that address: the pod's reply leaves through its default route (IPv6: its
+//! gateway `fe80::1`, which is why that link-local destination is not passed
+//! to the stack for TCP/UDP) into `from_pod`, which restores the frontend as
+//! source and the pod as destination and delivers it back.
+//!
 //! **Conntrack** entries have no timeout: the LRU map evicts the least
 //! recently used when full (size: [`DatapathOptions::conntrack_entries`],
 //! two entries per flow). Every forward packet looks its entry up and
@@ -185,7 +197,7 @@ pub use attach::{AttachOutcome, Error as AttachError, HostDevice};
 pub use events::{DropReason, Event, EventKind, EventStream, TracePoint};
 pub use lb::{
     Backend, BackendState, Frontend, LoadBalancer, Protocol, ServiceFlags, ServiceUpdate,
-    ServiceView,
+    ServiceView, SERVICE_LOOPBACK_V4, SERVICE_LOOPBACK_V6,
 };
 pub use maps::{Endpoint, Endpoints, Ipcache, IpcacheEntry, IpcacheFlags};
 

@@ -62,7 +62,7 @@ fn rust_layout() -> Vec<(&'static str, &'static str, usize)> {
         v,
         "ct_value",
         CtValue,
-        [addr, port, pad, service_id, backend_id]
+        [addr, port, flags, pad, service_id, backend_id]
     );
     layout!(
         v,

@@ -556,3 +556,132 @@ fn service_frontend_reaches_local_and_remote_backends() {
     }
     result.expect("service exchanges");
 }
+
+/// A pod calls a service whose only backend is the pod itself (hairpin), over
+/// TCP and UDP, IPv4 and IPv6, through the real kernel: the exchange
+/// completes, the server sees the service loopback address as its peer (the
+/// pod's own address would be a martian), and the client sees the frontend.
+#[test]
+fn a_pod_reaches_its_own_service() {
+    use datapath::{Backend, Frontend, LoadBalancer, Protocol, ServiceFlags};
+    use std::net::UdpSocket;
+    let Some(topo) = topology("h") else { return };
+    let pods = topo.all_pods();
+    let pod = &pods[0];
+    let mut lb = LoadBalancer::open(topo.nodes[0].bpffs.path()).expect("load balancer");
+    let mut failures = Vec::new();
+    for (ip, vip, loopback) in [
+        (
+            pod.v4,
+            "10.96.0.20".parse::<IpAddr>().unwrap(),
+            IpAddr::from(datapath::SERVICE_LOOPBACK_V4),
+        ),
+        (
+            pod.v6,
+            "fd00:96::20".parse().unwrap(),
+            IpAddr::from(datapath::SERVICE_LOOPBACK_V6),
+        ),
+    ] {
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let frontend = Frontend {
+                addr: SocketAddr::new(vip, 80),
+                proto,
+            };
+            let backend = SocketAddr::new(ip, 7003);
+            lb.set_service(frontend, ServiceFlags::NONE, &[Backend::new(backend, 1)])
+                .unwrap();
+            let what = format!("{proto} {ip} -> {frontend} -> itself");
+            let result = traffic::exchange(
+                pod,
+                pod,
+                move |ready| -> Result<(), String> {
+                    let peer = match proto {
+                        Protocol::Tcp => {
+                            let listener = TcpListener::bind(backend).map_err(|e| e.to_string())?;
+                            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+                            ready.send(()).ok();
+                            let deadline = Instant::now() + TIMEOUT;
+                            let (mut conn, peer) = loop {
+                                match listener.accept() {
+                                    Ok(c) => break c,
+                                    Err(e)
+                                        if e.kind() == std::io::ErrorKind::WouldBlock
+                                            && Instant::now() < deadline =>
+                                    {
+                                        std::thread::sleep(Duration::from_millis(10))
+                                    }
+                                    Err(e) => {
+                                        return Err(format!("accept within {TIMEOUT:?}: {e}"))
+                                    }
+                                }
+                            };
+                            conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+                            conn.set_read_timeout(Some(TIMEOUT))
+                                .map_err(|e| e.to_string())?;
+                            let mut buf = [0u8; 5];
+                            conn.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                            conn.write_all(&buf).map_err(|e| e.to_string())?;
+                            peer
+                        }
+                        Protocol::Udp => {
+                            let sock = UdpSocket::bind(backend).map_err(|e| e.to_string())?;
+                            sock.set_read_timeout(Some(TIMEOUT))
+                                .map_err(|e| e.to_string())?;
+                            ready.send(()).ok();
+                            let mut buf = [0u8; 64];
+                            let (n, peer) = sock.recv_from(&mut buf).map_err(|e| e.to_string())?;
+                            sock.send_to(&buf[..n], peer).map_err(|e| e.to_string())?;
+                            peer
+                        }
+                    };
+                    (peer.ip() == loopback)
+                        .then_some(())
+                        .ok_or_else(|| format!("the server saw peer {peer}, not {loopback}"))
+                },
+                move || -> Result<(), String> {
+                    match proto {
+                        Protocol::Tcp => {
+                            let mut conn = TcpStream::connect_timeout(&frontend.addr, TIMEOUT)
+                                .map_err(|e| format!("connect: {e}"))?;
+                            conn.set_read_timeout(Some(TIMEOUT))
+                                .map_err(|e| e.to_string())?;
+                            conn.write_all(b"hello").map_err(|e| e.to_string())?;
+                            let mut back = [0u8; 5];
+                            conn.read_exact(&mut back)
+                                .map_err(|e| format!("read: {e}"))?;
+                            (&back == b"hello")
+                                .then_some(())
+                                .ok_or_else(|| "echo differs".to_owned())
+                        }
+                        Protocol::Udp => {
+                            let any: IpAddr = if vip.is_ipv4() { "0.0.0.0" } else { "::" }
+                                .parse()
+                                .unwrap();
+                            let sock = UdpSocket::bind(SocketAddr::new(any, 0))
+                                .map_err(|e| e.to_string())?;
+                            sock.set_read_timeout(Some(TIMEOUT))
+                                .map_err(|e| e.to_string())?;
+                            sock.send_to(b"hello", frontend.addr)
+                                .map_err(|e| e.to_string())?;
+                            let mut buf = [0u8; 64];
+                            let (n, from) =
+                                sock.recv_from(&mut buf).map_err(|e| format!("recv: {e}"))?;
+                            (from == frontend.addr && &buf[..n] == b"hello")
+                                .then_some(())
+                                .ok_or_else(|| format!("reply from {from}: {:?}", &buf[..n]))
+                        }
+                    }
+                },
+            );
+            if let Err(e) = result {
+                failures.push(format!("{what}: {e}"));
+            }
+            lb.remove_service(frontend).unwrap();
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "hairpin exchanges failed:\n{}",
+        failures.join("\n")
+    );
+}

@@ -655,37 +655,74 @@ async fn replies_get_the_frontend_back() {
         assert_eq!(&out.data[0..6], &POD_MAC_A, "delivered to the client pod");
         assert_eq!(fx.event().src, Some(frontend.addr.ip()));
 
-        // Hairpin: pod A is the only backend of a second frontend.
-        let hairpin = Frontend {
-            addr: SocketAddr::new(frontend.addr.ip(), 443),
-            proto,
-        };
-        let me = SocketAddr::new(client_ip, 8443);
-        fx.dp
-            .load_balancer()
-            .unwrap()
-            .set_service(hairpin, ServiceFlags::NONE, &[Backend::new(me, 1)])
-            .unwrap();
-        let out = fx.run(
-            Program::FromPod,
-            &frame(
-                HOST_MAC_A,
-                POD_MAC_A,
-                &l4_packet(proto, client, hairpin.addr),
-            ),
-            None,
-        );
-        assert_eq!(endpoints_of(&out.data), (client, me));
-        let _ = fx.event();
-        let out = fx.run(
-            Program::FromPod,
-            &frame(HOST_MAC_A, POD_MAC_A, &l4_packet(proto, me, client)),
-            None,
-        );
-        assert_eq!(out.verdict, TC_ACT_REDIRECT);
-        assert_eq!(endpoints_of(&out.data), (hairpin.addr, client));
-        assert_checksums(&out.data, "reply reverse-translated in from_pod");
-        let _ = fx.event();
+        // Hairpin: pod A is the only backend of a second frontend. Its
+        // packet to the frontend comes back to it from the service loopback
+        // address (not from itself: a martian), and its reply, sent to that
+        // address, returns with the frontend as source, for TCP and UDP.
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let hairpin = Frontend {
+                addr: SocketAddr::new(frontend.addr.ip(), 443),
+                proto,
+            };
+            let me = SocketAddr::new(client_ip, 8443);
+            fx.dp
+                .load_balancer()
+                .unwrap()
+                .set_service(hairpin, ServiceFlags::NONE, &[Backend::new(me, 1)])
+                .unwrap();
+            let loopback: IpAddr = if ipv6 {
+                datapath::SERVICE_LOOPBACK_V6.into()
+            } else {
+                datapath::SERVICE_LOOPBACK_V4.into()
+            };
+            let what = format!("{proto} hairpin {client} -> {hairpin}");
+            let out = fx.run(
+                Program::FromPod,
+                &frame(
+                    HOST_MAC_A,
+                    POD_MAC_A,
+                    &l4_packet(proto, client, hairpin.addr),
+                ),
+                None,
+            );
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "{what}");
+            let from = SocketAddr::new(loopback, client.port());
+            assert_eq!(
+                endpoints_of(&out.data),
+                (from, me),
+                "{what}: source is the loopback"
+            );
+            assert_checksums(&out.data, &what);
+            assert_eq!(&out.data[0..6], &POD_MAC_A, "{what}: back to the pod");
+            let e = fx.event();
+            assert_eq!(e.kind, EventKind::Trace(TracePoint::ToEndpoint), "{what}");
+            let out = fx.run(
+                Program::FromPod,
+                &frame(HOST_MAC_A, POD_MAC_A, &l4_packet(proto, me, from)),
+                None,
+            );
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "{what}: reply");
+            assert_eq!(
+                endpoints_of(&out.data),
+                (hairpin.addr, client),
+                "{what}: reply"
+            );
+            assert_checksums(&out.data, &format!("{what}: reply"));
+            assert_eq!(&out.data[0..6], &POD_MAC_A, "{what}: reply to the pod");
+            let _ = fx.event();
+            // A second packet of the flow takes the same path (ct entries).
+            let out = fx.run(
+                Program::FromPod,
+                &frame(
+                    HOST_MAC_A,
+                    POD_MAC_A,
+                    &l4_packet(proto, client, hairpin.addr),
+                ),
+                None,
+            );
+            assert_eq!(endpoints_of(&out.data), (from, me), "{what}: again");
+            let _ = fx.event();
+        }
     }
 }
 

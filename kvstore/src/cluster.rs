@@ -53,10 +53,23 @@ pub enum ClusterConfigError {
     Invalid {
         /// The cluster.
         cluster: ClusterName,
-        /// Why.
+        /// Why (boxed: a validation error is large, a config error is
+        /// returned on every connection attempt).
         #[source]
-        source: ValidationError,
+        source: Box<ValidationError>,
     },
+}
+
+/// Decodes `cluster`'s config found under `key`.
+fn decode_config(
+    key: &str,
+    value: &[u8],
+    cluster: &ClusterName,
+) -> Result<ClusterConfig, ClusterConfigError> {
+    ClusterConfig::decode(key, value, cluster).map_err(|source| ClusterConfigError::Invalid {
+        cluster: cluster.clone(),
+        source: Box::new(source),
+    })
 }
 
 /// Writes `cluster`'s config, bound to `lease` when given.
@@ -103,10 +116,7 @@ pub async fn read_cluster_config(
             cluster: cluster.clone(),
             key: key.clone(),
         })?;
-    ClusterConfig::decode(&key, &kv.value, cluster).map_err(|source| ClusterConfigError::Invalid {
-        cluster: cluster.clone(),
-        source,
-    })
+    decode_config(&key, &kv.value, cluster)
 }
 
 /// How long [`read_required_cluster_config`] waits for a config that the
@@ -152,17 +162,11 @@ pub async fn read_required_cluster_config(
         });
     }
     on_wait();
-    let decode = |value: &[u8]| {
-        ClusterConfig::decode(&key, value, cluster).map_err(|source| ClusterConfigError::Invalid {
-            cluster: cluster.clone(),
-            source,
-        })
-    };
     let waiting = async {
         // List (the key may have appeared meanwhile), then watch from there.
         let listing = backend.list(&key).await.map_err(backend_error)?;
         if let Some(kv) = listing.kvs.iter().find(|kv| kv.key == key) {
-            return decode(&kv.value);
+            return decode_config(&key, &kv.value, cluster);
         }
         let mut stream = backend
             .watch(&key, listing.revision + 1)
@@ -173,7 +177,7 @@ pub async fn read_required_cluster_config(
                 // The watch is on a prefix: `c1` also sees `c10`.
                 if let WatchEvent::Put(kv) = event {
                     if kv.key == key {
-                        return decode(&kv.value);
+                        return decode_config(&key, &kv.value, cluster);
                     }
                 }
             }

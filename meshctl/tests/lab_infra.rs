@@ -189,9 +189,7 @@ fn topology_mtls_etcd_and_down() {
     let loaded = EtcdConfig::load(&path).unwrap();
     assert_eq!(loaded.endpoints, good.endpoints);
     assert_eq!(
-        external::read_facts(&path, None, Some(&c1n1))
-            .unwrap()
-            .name,
+        external::read_facts(&path, None, Some(&c1n1)).unwrap().name,
         "c2",
         "installed config works"
     );

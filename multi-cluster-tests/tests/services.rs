@@ -268,7 +268,60 @@ fn global_services_affinity_shared_local_and_long_lived_flows() {
         "the new backend takes new flows: {hits:?}"
     );
 
-    // 6. Deleting the service in c1 removes the frontend from c1's agents.
+    // 6. Hairpin: a backend pod calls its own service and is often picked
+    //    itself (1 in 5 here), over TCP and over UDP (a second frontend
+    //    port, same backends); every connection is answered, its own ones
+    //    included (without the service loopback SNAT they time out).
+    let (ok, stdout, stderr) = lab.meshctl(&[
+        "service",
+        "add",
+        "c1",
+        "default/gsvc-udp",
+        "--frontend",
+        "10.96.0.10:53/UDP",
+        "--target-port",
+        "8080",
+        "--port-name",
+        "echo-udp",
+        "--selector",
+        "app=gsvc",
+    ]);
+    assert!(ok, "meshctl service add (UDP) failed:\n{stdout}\n{stderr}");
+    let backend = lab
+        .state()
+        .pod("c1", "gsvc-a1")
+        .expect("backend pod")
+        .clone();
+    let udp_frontend: SocketAddr = "10.96.0.10:53".parse().unwrap();
+    eventually("c1/n1 to program the UDP frontend", CONVERGE, || {
+        ip::in_netns(&backend.netns, move || {
+            netprobe::udp_request(udp_frontend, "ready?", PROBE_TIMEOUT).is_ok()
+        })
+        .unwrap_or(false)
+    });
+    let hits = connections(&backend, 100);
+    eprintln!("hairpin, TCP from c1/gsvc-a1: {hits:?}");
+    assert!(
+        hits.contains_key("c1/gsvc-a1"),
+        "the pod reached itself: {hits:?}"
+    );
+    let udp_hits = ip::in_netns(&backend.netns, move || {
+        let mut hits: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 0..40 {
+            let reply = netprobe::udp_request(udp_frontend, &format!("udp-{i}"), PROBE_TIMEOUT)
+                .unwrap_or_else(|e| panic!("UDP request {i} to {udp_frontend}: {e}"));
+            *hits.entry(reply.from.pod).or_default() += 1;
+        }
+        hits
+    })
+    .expect("enter the backend pod");
+    eprintln!("hairpin, UDP from c1/gsvc-a1: {udp_hits:?}");
+    assert!(
+        udp_hits.contains_key("gsvc-a1"),
+        "UDP reached itself: {udp_hits:?}"
+    );
+
+    // 7. Deleting the service in c1 removes the frontend from c1's agents.
     let (ok, _, stderr) = lab.meshctl(&["service", "del", "c1", SERVICE]);
     assert!(ok, "service del failed: {stderr}");
     eventually("c1/n1 to drop the frontend", CONVERGE, || {

@@ -37,9 +37,9 @@ pub enum ExternalError {
     Connect {
         /// The config file.
         path: PathBuf,
-        /// Why.
+        /// Why (boxed: the client's errors are large).
         #[source]
-        source: kvstore::ConnectError,
+        source: Box<kvstore::ConnectError>,
     },
     /// A read failed.
     #[error("cannot read {what} from the etcd of {path}")]
@@ -59,7 +59,9 @@ pub enum ExternalError {
         path: PathBuf,
     },
     /// Several cluster configs and no name given.
-    #[error("the etcd of {path} holds configs of several clusters ({names}); pass --destination-name")]
+    #[error(
+        "the etcd of {path} holds configs of several clusters ({names}); pass --destination-name"
+    )]
     Ambiguous {
         /// The config file.
         path: PathBuf,
@@ -83,7 +85,7 @@ pub enum ExternalError {
         name: String,
         /// What is wrong.
         #[source]
-        source: api::ValidationError,
+        source: Box<api::ValidationError>,
     },
     /// The tokio runtime could not start.
     #[error("cannot start an async runtime")]
@@ -123,12 +125,12 @@ pub fn read_facts(
         }
     };
     match netns {
-        Some(netns) => crate::lab::ip::in_netns(netns, read).map_err(|source| {
-            ExternalError::Netns {
+        Some(netns) => {
+            crate::lab::ip::in_netns(netns, read).map_err(|source| ExternalError::Netns {
                 netns: netns.to_owned(),
                 source,
-            }
-        })?,
+            })?
+        }
         None => read(),
     }
 }
@@ -142,7 +144,7 @@ async fn read_facts_async(path: &Path, name: Option<&str>) -> Result<ClusterFact
         .await
         .map_err(|source| ExternalError::Connect {
             path: path.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
     let read = |what| {
         move |source| ExternalError::Read {
@@ -163,7 +165,7 @@ async fn read_facts_async(path: &Path, name: Option<&str>) -> Result<ClusterFact
         let config = ClusterConfig::decode(&kv.key, &kv.value, &cluster).map_err(|source| {
             ExternalError::BadConfig {
                 name: cluster.to_string(),
-                source,
+                source: Box::new(source),
             }
         })?;
         found.push((cluster, config));
