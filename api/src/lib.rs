@@ -57,6 +57,7 @@
 //! assert_eq!(err.reason(), "cluster_mismatch");
 //! ```
 
+pub mod agent;
 pub mod cluster;
 pub mod error;
 mod go;
@@ -67,6 +68,7 @@ pub mod names;
 pub mod records;
 pub mod timestamp;
 
+pub use agent::{Affinity, Encryption, Routing};
 pub use cluster::{ClusterError, ClusterId, ClusterName, MaxConnectedClusters, RemoteScope};
 pub use error::{FieldError, ValidationError};
 pub use identity::{

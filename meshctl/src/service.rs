@@ -22,10 +22,9 @@ use std::time::Duration;
 use mesh_proto::v1 as pb;
 use serde::Serialize;
 
+use api::agent::{AgentStatus, ServiceStatus};
 /// `--affinity`: the agent's own type, so flag values and status agree.
-pub use node_agent::services::Affinity;
-use node_agent::services::ServiceStatus;
-use node_agent::status::AgentStatus;
+pub use api::Affinity;
 
 use crate::clustermesh::status::read_agent_status;
 use crate::lab::ip;

@@ -5,6 +5,7 @@
 use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use api::agent::{AgentStatus, ClusterStatus};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -16,7 +17,7 @@ use crate::{
     reconcile::LocalNode,
     reconciler::{Reconciler, TunnelState},
     registry::Registry,
-    status::{self, AgentStatus, ClusterStatus, StatusHub, StatusSource},
+    status::{self, StatusHub, StatusSource},
 };
 
 /// Name of the VXLAN device (external mode) in the node's namespace.
@@ -34,7 +35,7 @@ pub struct LiveStatus {
     pods: Arc<PodManager>,
     registry: Option<Registry>,
     mesh: Arc<Mesh>,
-    services: Arc<std::sync::RwLock<crate::services::ServicesStatus>>,
+    services: Arc<std::sync::RwLock<api::agent::ServicesStatus>>,
 }
 
 /// Fills the store-derived fields of `status` from the cluster's stores.
@@ -62,8 +63,8 @@ impl StatusSource for LiveStatus {
             cluster_name: self.config.cluster_name.clone(),
             cluster_id: self.config.cluster_id,
             node_name: self.config.node_name.clone(),
-            routing: format!("{:?}", self.config.routing).to_lowercase(),
-            encryption: format!("{:?}", self.config.encryption).to_lowercase(),
+            routing: self.config.routing,
+            encryption: self.config.encryption,
             apiserver_connected: self.registry.as_ref().map(|r| r.status().connected),
             local_endpoints: self.pods.count().await as u64,
             clusters: {
@@ -354,14 +355,8 @@ async fn setup_tunnel(
         netlink,
         wireguard,
         mode: tunnel::routes::RoutingMode {
-            routing: match config.routing {
-                Routing::Tunnel => tunnel::routes::Routing::Tunnel,
-                Routing::Native => tunnel::routes::Routing::Native,
-            },
-            encryption: match config.encryption {
-                Encryption::None => tunnel::routes::Encryption::None,
-                Encryption::Wireguard => tunnel::routes::Encryption::Wireguard,
-            },
+            routing: config.routing,
+            encryption: config.encryption,
         },
         params,
     })

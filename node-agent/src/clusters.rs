@@ -56,7 +56,9 @@ use kvstore::{Event, ListWatch, WatchStore, WatchStoreConfig};
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn, Instrument};
 
-use crate::status::{ClusterStatus, StatusHub};
+use api::agent::ClusterStatus;
+
+use crate::status::StatusHub;
 
 /// How often a connected cluster is probed (heartbeat key, cluster config).
 const PROBE_PERIOD: Duration = Duration::from_secs(5);
@@ -385,8 +387,8 @@ impl Changes {
 
 impl ClusterStores {
     /// Whether every store completed its initial listing.
-    pub fn synced(&self) -> crate::status::Synced {
-        crate::status::Synced {
+    pub fn synced(&self) -> api::agent::Synced {
+        api::agent::Synced {
             nodes: self.nodes.is_synced(),
             endpoints: self.endpoints.is_synced(),
             identities: self.identities.is_synced(),

@@ -113,26 +113,7 @@ pub struct Flags {
     pub wireguard_port: String,
 }
 
-/// How pod traffic reaches pods on remote nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Routing {
-    /// VXLAN in external mode; the source identity travels in the VNI.
-    Tunnel,
-    /// The underlay routes pod CIDRs (peered VPCs); remote pod CIDRs are routed
-    /// via the remote node's underlay address.
-    Native,
-}
-
-/// Node-to-node encryption.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Encryption {
-    /// Plain traffic.
-    None,
-    /// WireGuard between nodes.
-    Wireguard,
-}
+pub use api::{Encryption, Routing};
 
 /// Where the local cluster's etcd is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,21 +269,14 @@ impl Config {
             .clustermesh_config
             .as_deref()
             .and_then(|v| check(&mut errs, "--clustermesh-config", Some(v), non_empty_path));
-        let routing = check(&mut errs, "--routing", Some(&flags.routing), |v| match v {
-            "tunnel" => Ok(Routing::Tunnel),
-            "native" => Ok(Routing::Native),
-            _ => Err("must be tunnel or native".into()),
+        let routing = check(&mut errs, "--routing", Some(&flags.routing), |v| {
+            v.parse::<Routing>()
+                .map_err(|_| "must be tunnel or native".into())
         });
-        let encryption = check(
-            &mut errs,
-            "--encryption",
-            Some(&flags.encryption),
-            |v| match v {
-                "none" => Ok(Encryption::None),
-                "wireguard" => Ok(Encryption::Wireguard),
-                _ => Err("must be none or wireguard".into()),
-            },
-        );
+        let encryption = check(&mut errs, "--encryption", Some(&flags.encryption), |v| {
+            v.parse::<Encryption>()
+                .map_err(|_| "must be none or wireguard".into())
+        });
         let bpffs = check(&mut errs, "--bpffs", Some(&flags.bpffs), absolute_path);
         let state_dir = check(
             &mut errs,

@@ -55,12 +55,12 @@ use std::{
     time::Duration,
 };
 
+use api::agent::{Affinity, BackendStatus, FrontendStatus, ServiceStatus, ServicesStatus};
 use api::ClusterService;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use datapath::{Backend, Frontend, LoadBalancer, Protocol, ServiceFlags};
 use futures::StreamExt as _;
 use mesh_proto::v1 as pb;
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument as _};
 
@@ -143,20 +143,6 @@ pub enum WatchError {
         /// The URL.
         url: String,
     },
-}
-
-/// `service.cilium.io/affinity`. Also `meshctl service add --affinity`,
-/// hence the `clap` derive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Affinity {
-    /// Every backend alike.
-    #[default]
-    None,
-    /// Local backends while any is active, then remote ones.
-    Local,
-    /// Remote backends while any is active, then local ones.
-    Remote,
 }
 
 /// Transport protocols a service port may have. SCTP is a valid service
@@ -605,65 +591,6 @@ pub fn desired_services(
         out.status.push(status);
     }
     out
-}
-
-/// One backend in the status document.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct BackendStatus {
-    /// The cluster it runs in.
-    pub cluster: String,
-    /// `IP:port`.
-    pub address: String,
-    /// Takes new flows ahead of the others (affinity).
-    pub preferred: bool,
-}
-
-/// One frontend in the status document.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct FrontendStatus {
-    /// `IP:port/PROTO`.
-    pub frontend: String,
-    /// The service port's name.
-    pub port_name: String,
-    /// Its backends, local ones first.
-    pub backends: Vec<BackendStatus>,
-}
-
-/// One service in the status document.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct ServiceStatus {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// `service.cilium.io/global`.
-    pub global: bool,
-    /// `service.cilium.io/shared`.
-    pub shared: bool,
-    /// `service.cilium.io/affinity`.
-    pub affinity: Affinity,
-    /// Every frontend with its backends.
-    pub frontends: Vec<FrontendStatus>,
-}
-
-/// Counters and contents of the service reconciler, for the status.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct ServicesStatus {
-    /// The local snapshot arrived and every cluster synced (or the sync
-    /// timeout passed): the reconciler writes the maps.
-    pub programming: bool,
-    /// Frontends in the load balancer.
-    pub frontends: u64,
-    /// Failed `set_service`/`remove_service` calls.
-    pub errors: u64,
-    /// Frontend or backend IP claimed twice in the last pass.
-    pub conflicts: u64,
-    /// Every service of the last pass.
-    pub services: Vec<ServiceStatus>,
 }
 
 /// The service reconciler task.

@@ -9,10 +9,8 @@
 //! The per-cluster fields mirror Cilium's remote-cluster status
 //! (`cilium-dbg status --verbose`, `clustermesh status`), with the same names.
 //!
-//! These types are also what readers parse (`meshctl clustermesh status`,
-//! `meshctl service list`), so the field names are a contract with every
-//! client. Every struct reads a missing field as its default, so a newer
-//! client still reads an older agent's document.
+//! The document's types live in [`api::agent`], shared with its readers
+//! (`meshctl clustermesh status`, `meshctl service list`).
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
+use api::agent::{AgentStatus, ClusterStatus, ReconcileStatus};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -31,132 +29,6 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::unix::bind_unix;
-
-/// Which resource kinds of a cluster have completed their initial list.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Synced {
-    /// Nodes.
-    pub nodes: bool,
-    /// Endpoints (ipcache).
-    pub endpoints: bool,
-    /// Identities.
-    pub identities: bool,
-    /// Services.
-    pub services: bool,
-}
-
-impl Synced {
-    /// Every kind synced.
-    pub fn all(self) -> bool {
-        self.nodes && self.endpoints && self.identities && self.services
-    }
-}
-
-/// The state of one cluster's connection, as Cilium reports it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct ClusterStatus {
-    /// Cluster name.
-    pub name: String,
-    /// Connected and every kind synced.
-    pub ready: bool,
-    /// The etcd connection is up.
-    pub connected: bool,
-    /// Human-readable state, e.g. "connected", "waiting for initial sync",
-    /// or the last error.
-    pub status: String,
-    /// Nodes held.
-    pub num_nodes: u64,
-    /// Endpoints (ipcache entries) held.
-    pub num_endpoints: u64,
-    /// Identities held.
-    pub num_identities: u64,
-    /// Shared global services held.
-    pub num_shared_services: u64,
-    /// Connection failures since the agent started.
-    pub num_failures: u64,
-    /// Time of the last failure (RFC 3339), if any.
-    pub last_failure: Option<String>,
-    /// Initial sync per kind.
-    pub synced: Synced,
-    /// Records refused by validation, by reason.
-    pub rejected: BTreeMap<String, u64>,
-    /// The records are read from a KVStoreMesh cache (`"cached":true` in
-    /// the cluster config: `cilium/cache/...`), as Cilium's `kvstoremesh`.
-    pub kvstoremesh: bool,
-    /// Where the cluster publishes its global services' backends:
-    /// `services-only`, `services-and-endpointslices` or
-    /// `endpointslices-only` (then read from its EndpointSlice records).
-    pub endpoint_slices_export_mode: String,
-}
-
-/// Reconciler counters.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct ReconcileStatus {
-    /// Completed reconcile passes.
-    pub runs: u64,
-    /// Failed map or tunnel writes.
-    pub errors: u64,
-    /// Entries in the ipcache map owned by the reconciler.
-    pub ipcache_entries: u64,
-    /// Duration of the last pass, in seconds.
-    pub last_duration_seconds: f64,
-    /// Whether stale entries may be removed (every cluster synced, or the
-    /// restart timeout passed).
-    pub sweeping: bool,
-    /// Prefixes claimed by more than one record in the last pass.
-    pub conflicts: u64,
-    /// Passes that applied queued changes through the index.
-    pub incremental_passes: u64,
-    /// Changes (endpoints, nodes) those passes applied.
-    pub changes_applied: u64,
-    /// Passes that recomputed everything (start, a connection added,
-    /// removed or synced, the sweep starting, and every resync).
-    pub full_passes: u64,
-    /// Duration of the last full pass, in seconds.
-    pub last_full_duration_seconds: f64,
-    /// Periodic resyncs done.
-    pub resyncs: u64,
-    /// Map writes a resync had to make: the incremental passes left an
-    /// entry wrong, or someone else wrote the map. Zero when all is well.
-    pub resync_corrections: u64,
-}
-
-/// The whole status document.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct AgentStatus {
-    /// Local cluster name.
-    pub cluster_name: String,
-    /// Local cluster ID.
-    pub cluster_id: u16,
-    /// This node.
-    pub node_name: String,
-    /// Routing mode.
-    pub routing: String,
-    /// Encryption mode.
-    pub encryption: String,
-    /// A session with the local apiserver is live (absent: none configured).
-    pub apiserver_connected: Option<bool>,
-    /// Pods on this node.
-    pub local_endpoints: u64,
-    /// Every cluster, the local one included, sorted by name.
-    pub clusters: Vec<ClusterStatus>,
-    /// Reconciler counters.
-    pub reconcile: ReconcileStatus,
-    /// Services programmed into the load balancer ([`crate::services`]).
-    pub services: crate::services::ServicesStatus,
-}
-
-impl AgentStatus {
-    /// Shared services over every cluster the agent reads: the global
-    /// services it can balance to.
-    pub fn global_services(&self) -> u64 {
-        self.clusters.iter().map(|c| c.num_shared_services).sum()
-    }
-}
 
 /// Shared, cheaply updated status of the cluster tasks and the reconciler.
 #[derive(Debug, Default)]
@@ -472,6 +344,8 @@ pub async fn serve_metrics<S: StatusSource>(
 
 #[cfg(test)]
 mod tests {
+    use api::agent::Synced;
+
     use super::*;
 
     fn sample() -> AgentStatus {

@@ -42,24 +42,7 @@ pub const DEFAULT_ENCRYPTION_TABLE: u32 = 2004;
 /// (before the main table's rule at 32766).
 pub const DEFAULT_ENCRYPTION_RULE_PRIORITY: u32 = 1000;
 
-/// How pod traffic between nodes is carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Routing {
-    /// VXLAN in external mode; the eBPF datapath picks the remote node.
-    Tunnel,
-    /// The underlay routes pod CIDRs (peered VPCs): remote pod CIDRs are
-    /// routed via the remote node's underlay address.
-    Native,
-}
-
-/// Whether node-to-node traffic is encrypted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encryption {
-    /// In clear.
-    None,
-    /// Through the WireGuard device.
-    Wireguard,
-}
+pub use api::{Encryption, Routing};
 
 /// The mode of the tunnel layer (the agent's `--routing` and `--encryption`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 //! Each agent serves one JSON document per connection on its status socket,
 //! with one entry per cluster it reads (its own and each remote), in Cilium's
 //! field names (`name`, `ready`, `connected`, `status`, `num-nodes`, ...).
-//! The document types are the agent's own ([`node_agent::status`]), so
+//! The document types are the agent's own ([`api::agent`]), so
 //! writer and reader cannot drift apart.
 //! `configured` comes from the agent's config directory (what `connect` wrote),
 //! `connected` and `ready` from the agent. A cluster is ready when every node
@@ -17,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use node_agent::status::AgentStatus;
+use api::agent::AgentStatus;
 use serde::Serialize;
 
 use super::config::configured_clusters;

@@ -51,45 +51,7 @@ pub enum StateError {
     },
 }
 
-/// How pod traffic crosses nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Routing {
-    /// VXLAN overlay.
-    Tunnel,
-    /// The underlay routes pod CIDRs.
-    Native,
-}
-
-/// Node-to-node encryption.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Encryption {
-    /// Plain.
-    None,
-    /// WireGuard between nodes.
-    Wireguard,
-}
-
-impl Routing {
-    /// The flag value the node agent takes.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tunnel => "tunnel",
-            Self::Native => "native",
-        }
-    }
-}
-
-impl Encryption {
-    /// The flag value the node agent takes.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Wireguard => "wireguard",
-        }
-    }
-}
+pub use api::{Encryption, Routing};
 
 /// The whole lab.
 #[derive(Debug, Clone, Serialize, Deserialize)]
