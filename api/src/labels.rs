@@ -177,7 +177,13 @@ fn validate_source(source: &str) -> Result<(), LabelError> {
     }
 }
 
-fn validate_key(key: &str) -> Result<(), LabelError> {
+/// Checks a label key against Kubernetes label-key syntax (an optional DNS
+/// subdomain prefix and `/`, then a qualified name).
+///
+/// # Errors
+///
+/// [`LabelError::InvalidKey`] naming the part that breaks a rule.
+pub fn validate_key(key: &str) -> Result<(), LabelError> {
     let invalid = |part, reason| LabelError::InvalidKey {
         key: clip(key),
         part,
@@ -193,7 +199,13 @@ fn validate_key(key: &str) -> Result<(), LabelError> {
     validate_qualified_name_part(name).map_err(|r| invalid("name", r))
 }
 
-fn validate_value(key: &str, value: &str) -> Result<(), LabelError> {
+/// Checks the value of label `key` against Kubernetes label-value syntax
+/// (empty, or a qualified name).
+///
+/// # Errors
+///
+/// [`LabelError::InvalidValue`].
+pub fn validate_value(key: &str, value: &str) -> Result<(), LabelError> {
     if value.is_empty() {
         return Ok(());
     }
@@ -265,6 +277,40 @@ impl LabelSet {
             .binary_search_by(|l| l.sort_key().cmp(&(key, source)))
             .ok()
             .map(|i| &self.0[i])
+    }
+
+    /// The identity labels of a pod, as Cilium derives them: each of its
+    /// labels with source `k8s`, plus `k8s:io.kubernetes.pod.namespace` and
+    /// `k8s:io.cilium.k8s.policy.cluster`, which replace pod labels of the
+    /// same key.
+    ///
+    /// ```
+    /// use api::LabelSet;
+    /// let set = LabelSet::for_endpoint([("app", "web")], "default", &"c1".parse().unwrap()).unwrap();
+    /// assert_eq!(
+    ///     set.to_string(),
+    ///     "k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=default;"
+    /// );
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A label, or the namespace as a label value, that fails
+    /// [`Label::validate`].
+    pub fn for_endpoint<'a>(
+        labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+        namespace: &str,
+        cluster: &crate::ClusterName,
+    ) -> Result<Self, LabelError> {
+        let mut set = Self::from_labels(
+            labels
+                .into_iter()
+                .map(|(k, v)| Label::k8s(k, v))
+                .collect::<Result<Vec<_>, _>>()?,
+        )?;
+        set.insert(Label::k8s(POD_NAMESPACE_LABEL, namespace)?)?;
+        set.insert(Label::k8s(POLICY_CLUSTER_LABEL, cluster.as_str())?)?;
+        Ok(set)
     }
 
     /// The value of the `k8s:io.cilium.k8s.policy.cluster` label.

@@ -40,8 +40,10 @@ pub fn validate_dns_subdomain(s: &str) -> Result<(), &'static str> {
         return Err("must be at most 253 characters");
     }
     for part in s.split('.') {
-        validate_dns_label(part).map_err(|_| {
-            "must be dot-separated parts of lowercase letters, digits and '-', each starting and ending with a letter or digit"
+        validate_dns_label(part).map_err(|reason| match reason {
+            "must not be empty" => "must not have an empty part between dots",
+            "must be at most 63 characters" => "has a dot-separated part longer than 63 characters",
+            _ => "must be dot-separated parts of lowercase letters, digits and '-', each starting and ending with a letter or digit",
         })?;
     }
     Ok(())
@@ -62,6 +64,43 @@ pub fn validate_qualified_name_part(s: &str) -> Result<(), &'static str> {
         |b| b.is_ascii_alphanumeric(),
         "must start and end with a letter or digit",
     )
+}
+
+/// Checks `s` is a port name (an IANA service name, as Kubernetes checks
+/// container and service port names): 1 to 15 lowercase letters, digits and
+/// single inner '-', with at least one letter.
+///
+/// # Errors
+///
+/// A short description of the rule `s` breaks.
+pub fn validate_port_name(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 15 {
+        return Err("must be 1 to 15 characters");
+    }
+    let ok = s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err("must be lowercase letters, digits and single inner '-', with at least one letter")
+    }
+}
+
+/// Checks a port number carried in a wider integer: 1..=65535.
+///
+/// # Errors
+///
+/// When it is 0 or does not fit 16 bits.
+pub fn validate_port(value: u32) -> Result<u16, &'static str> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or("is not a port in 1..=65535")
 }
 
 /// The rules DNS labels and qualified-name parts share, checked and reported
@@ -124,5 +163,26 @@ mod tests {
             assert!(validate_qualified_name_part(bad).is_err(), "{bad}");
         }
         assert!(validate_qualified_name_part(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn port_names_and_numbers() {
+        for ok in ["http", "h2c", "a-b", "x1"] {
+            assert!(validate_port_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1234",
+            "-a",
+            "a-",
+            "a--b",
+            "Http",
+            "a_b",
+            "sixteen-chars-xx",
+        ] {
+            assert!(validate_port_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(validate_port(80), Ok(80));
+        assert!(validate_port(0).is_err() && validate_port(65_536).is_err());
     }
 }

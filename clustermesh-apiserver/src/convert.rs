@@ -19,7 +19,6 @@ use crate::{
         Affinity, EndpointSpec, NamedPort, NodeSpec, Protocol, ServicePort, ServiceSpec, TargetPort,
     },
     registry::FieldError,
-    validate,
 };
 
 type Result<T> = std::result::Result<T, FieldError>;
@@ -50,7 +49,8 @@ fn protocol(field: impl FnOnce() -> String, value: i32) -> Result<Protocol> {
 }
 
 fn port(field: impl FnOnce() -> String, value: u32) -> Result<u16> {
-    validate::port(value).map_err(|reason| FieldError::new(field(), reason))
+    api::names::validate_port(value)
+        .map_err(|reason| FieldError::new(field(), format!("{value} {reason}")))
 }
 
 /// Parses the node of a `RegisterNode` request.

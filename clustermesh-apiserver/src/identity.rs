@@ -56,14 +56,12 @@ use std::{
     time::Duration,
 };
 
+use api::ClusterName;
 use kvstore::{BackendError, Compare, LeaseId, Revision, Txn, TxnOp};
 use tokio::{sync::Mutex, time::Instant};
 use tracing::{error, info, warn};
 
 use crate::model::Labels;
-
-/// Prefix of the Cilium identity keys (a wire format: Cilium schema v1).
-pub const ID_PREFIX: &str = "cilium/state/identities/v1/id/";
 
 /// How many times one acquisition retries after losing a compare to a
 /// concurrent writer before it gives up.
@@ -90,17 +88,20 @@ fn backend_err(operation: &'static str) -> impl FnOnce(BackendError) -> Identity
     move |source| IdentityError::Backend { operation, source }
 }
 
-/// The identity label string of an endpoint, as Cilium writes it: `k8s:`
-/// source, sorted by key, each `source:key=value;`, with the namespace and
-/// cluster labels added.
-pub fn label_string(labels: &Labels, namespace: &str, cluster: &str) -> String {
-    let mut all: BTreeMap<&str, &str> = labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    all.insert("io.kubernetes.pod.namespace", namespace);
-    all.insert("io.cilium.k8s.policy.cluster", cluster);
-    all.iter().map(|(k, v)| format!("k8s:{k}={v};")).collect()
+/// The identity label string of an endpoint, as Cilium writes it
+/// ([`api::LabelSet::for_endpoint`]): the allocator's key.
+///
+/// # Errors
+///
+/// A label that is not valid label syntax (the registry checks endpoints'
+/// labels with the same rules before they get here).
+pub fn label_string(
+    labels: &Labels,
+    namespace: &str,
+    cluster: &ClusterName,
+) -> Result<String, api::LabelError> {
+    let pairs = labels.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    Ok(api::LabelSet::for_endpoint(pairs, namespace, cluster)?.to_string())
 }
 
 /// The number an index entry names, if it is one.
@@ -109,8 +110,8 @@ fn parse_id(value: &[u8]) -> Option<u32> {
 }
 
 /// The identity key of `id` (Cilium schema v1).
-pub fn id_key(id: u32) -> String {
-    format!("{ID_PREFIX}{id}")
+fn id_key(id: u32) -> String {
+    api::keys::identity_key(api::NumericIdentity(id))
 }
 
 /// Prefix of `cluster`'s reverse index: `mesh/registry/v1/<cluster>/identities/`.
@@ -343,14 +344,14 @@ impl Allocator {
     async fn list_ids(&self) -> Result<BTreeMap<u32, ListedId>, IdentityError> {
         let listing = self
             .backend
-            .list(ID_PREFIX)
+            .list(&api::keys::identities_prefix())
             .await
             .map_err(backend_err("list identities"))?;
         Ok(listing
             .kvs
             .into_iter()
             .filter_map(|kv| {
-                let id = kv.key[ID_PREFIX.len()..].parse::<u32>().ok()?;
+                let id = api::keys::parse_identity_key(&kv.key).ok()?.id.0;
                 self.config.range.contains(&id).then(|| {
                     let labels = String::from_utf8_lossy(&kv.value).into_owned();
                     (

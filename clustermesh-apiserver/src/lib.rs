@@ -40,7 +40,6 @@ pub mod persist;
 pub mod registry;
 pub mod server;
 pub mod source;
-pub mod validate;
 
 use std::{future::Future, net::SocketAddr, sync::atomic::Ordering, sync::Arc, time::Duration};
 

@@ -38,7 +38,6 @@ use crate::{
     model::ObjectKey,
     registry::{EndpointEntry, FieldError, Owner, Registry, RegistryError, Table},
     source::LocalSource,
-    validate,
 };
 
 /// How often a session stream carries a keepalive.
@@ -290,7 +289,7 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<SessionStream>, Status> {
         let node = request.into_inner().node_name;
-        validate::dns_subdomain(&node)
+        api::names::validate_dns_subdomain(&node)
             .map_err(|reason| invalid(FieldError::new("node_name", reason)))?;
         let (id, took_over) = self.0.open(&node);
         info!(node = %node, took_over, "session opened");

@@ -12,9 +12,9 @@ use std::{
     time::Duration,
 };
 
-use clustermesh_apiserver::identity::{
-    id_key, index_prefix, users_prefix, Allocator, AllocatorConfig, ID_PREFIX,
-};
+use api::keys::{identities_prefix, identity_key, parse_identity_key};
+use api::NumericIdentity;
+use clustermesh_apiserver::identity::{index_prefix, users_prefix, Allocator, AllocatorConfig};
 use kvstore::{EtcdConfig, ListWatch as _, TlsPaths};
 use tokio::sync::{watch, Barrier};
 
@@ -54,7 +54,7 @@ struct Stored {
 }
 
 async fn stored(b: &kvstore::EtcdBackend) -> Stored {
-    let ids = b.list(ID_PREFIX).await.unwrap().kvs;
+    let ids = b.list(&identities_prefix()).await.unwrap().kvs;
     let index_prefix = index_prefix(CLUSTER);
     let index = b.list(&index_prefix).await.unwrap().kvs;
     let users_prefix = users_prefix(CLUSTER);
@@ -63,7 +63,7 @@ async fn stored(b: &kvstore::EtcdBackend) -> Stored {
         ids: ids
             .iter()
             .map(|kv| {
-                let id = kv.key[ID_PREFIX.len()..].parse().unwrap();
+                let id = parse_identity_key(&kv.key).unwrap().id.0;
                 (id, String::from_utf8(kv.value.clone()).unwrap())
             })
             .collect(),
@@ -214,7 +214,11 @@ async fn an_identity_survives_while_another_apiserver_uses_it() {
     for task in loops {
         task.await.unwrap();
     }
-    assert!(observer.get(&id_key(id)).await.unwrap().is_none());
+    assert!(observer
+        .get(&identity_key(NumericIdentity(id)))
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(a.count().await, 0);
     assert_eq!(b.count().await, 0);
 }

@@ -54,7 +54,7 @@ fn ids(m: &MemoryBackend) -> BTreeMap<u32, String> {
     m.dump()
         .into_iter()
         .filter_map(|(k, v)| {
-            let id = k.strip_prefix(ID_PREFIX)?.parse().ok()?;
+            let id = api::keys::parse_identity_key(&k).ok()?.id.0;
             Some((id, String::from_utf8(v).unwrap()))
         })
         .collect()
@@ -71,8 +71,14 @@ async fn collect_after_grace(a: &Allocator) -> usize {
 fn label_string_is_sorted_with_cluster_and_namespace() {
     let labels: Labels = [("app".to_owned(), "web".to_owned())].into();
     assert_eq!(
-        label_string(&labels, "default", "c1"),
+        label_string(&labels, "default", &"c1".parse().unwrap()).unwrap(),
         "k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=default;"
+    );
+    // A pod label cannot pass for the namespace or the cluster label.
+    let spoofed: Labels = [("io.cilium.k8s.policy.cluster".to_owned(), "c2".to_owned())].into();
+    assert_eq!(
+        label_string(&spoofed, "default", &"c1".parse().unwrap()).unwrap(),
+        "k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=default;"
     );
 }
 

@@ -15,25 +15,32 @@ use std::{collections::BTreeSet, net::IpAddr};
 use base64::Engine as _;
 
 use super::{FieldError, Owner};
-use crate::{
-    model::{EndpointSpec, Labels, NodeSpec, ServiceSpec, TargetPort},
-    validate,
-};
+use api::names::{validate_dns_label, validate_dns_subdomain, validate_port, validate_port_name};
+
+use crate::model::{EndpointSpec, Labels, NodeSpec, ServiceSpec, TargetPort};
 
 type Result<T = ()> = std::result::Result<T, FieldError>;
 
-fn check(field: impl FnOnce() -> String, r: std::result::Result<(), String>) -> Result {
-    r.map_err(|reason| FieldError::new(field(), reason))
+fn check<T, E: ToString>(field: impl FnOnce() -> String, r: std::result::Result<T, E>) -> Result {
+    r.map(|_| ())
+        .map_err(|reason| FieldError::new(field(), reason.to_string()))
 }
 
 fn port(field: impl FnOnce() -> String, port: u16) -> Result {
-    check(field, validate::port(port.into()).map(|_| ()))
+    check(
+        field,
+        validate_port(port.into()).map_err(|reason| format!("{port} {reason}")),
+    )
 }
 
+/// Labels with the syntax identity labels have ([`api::Label::validate`]).
 fn labels(field: &str, labels: &Labels) -> Result {
     for (k, v) in labels {
-        check(|| format!("{field}[{k:?}]"), validate::label_key(k))?;
-        check(|| format!("{field}[{k:?}]"), validate::label_value(v))?;
+        check(|| format!("{field}[{k:?}]"), api::labels::validate_key(k))?;
+        check(
+            || format!("{field}[{k:?}]"),
+            api::labels::validate_value(k, v),
+        )?;
     }
     Ok(())
 }
@@ -83,7 +90,7 @@ fn owned_node(field: &str, owner: &Owner, node: &str) -> Result {
 ///
 /// The first invalid field.
 pub fn node(owner: &Owner, node: &NodeSpec) -> Result {
-    check(|| "node.name".into(), validate::dns_subdomain(&node.name))?;
+    check(|| "node.name".into(), validate_dns_subdomain(&node.name))?;
     owned_node("node.name", owner, &node.name)?;
     if node.internal_ips.is_empty() {
         return Err(FieldError::new(
@@ -121,9 +128,9 @@ pub fn node(owner: &Owner, node: &NodeSpec) -> Result {
 pub fn endpoint(owner: &Owner, ep: &EndpointSpec) -> Result {
     check(
         || "endpoint.namespace".into(),
-        validate::dns_label(&ep.namespace, 63),
+        validate_dns_label(&ep.namespace),
     )?;
-    check(|| "endpoint.name".into(), validate::dns_subdomain(&ep.name))?;
+    check(|| "endpoint.name".into(), validate_dns_subdomain(&ep.name))?;
     if ep.uid.len() > 128 || ep.uid.contains(['/', ';', '"']) {
         return Err(FieldError::new(
             "endpoint.uid",
@@ -132,7 +139,7 @@ pub fn endpoint(owner: &Owner, ep: &EndpointSpec) -> Result {
     }
     check(
         || "endpoint.service_account".into(),
-        validate::dns_subdomain(&ep.service_account),
+        validate_dns_subdomain(&ep.service_account),
     )?;
     owned_node("endpoint.node", owner, &ep.node)?;
     if ep.ips.is_empty() {
@@ -142,7 +149,7 @@ pub fn endpoint(owner: &Owner, ep: &EndpointSpec) -> Result {
     let mut names = BTreeSet::new();
     for (i, p) in ep.named_ports.iter().enumerate() {
         let field = |f: &str| format!("endpoint.named_ports[{i}].{f}");
-        check(|| field("name"), validate::port_name(&p.name))?;
+        check(|| field("name"), validate_port_name(&p.name))?;
         unique(&mut names, || field("name"), &p.name)?;
         port(|| field("port"), p.port)?;
     }
@@ -157,9 +164,9 @@ pub fn endpoint(owner: &Owner, ep: &EndpointSpec) -> Result {
 pub fn service(svc: &ServiceSpec) -> Result {
     check(
         || "service.namespace".into(),
-        validate::dns_label(&svc.namespace, 63),
+        validate_dns_label(&svc.namespace),
     )?;
-    check(|| "service.name".into(), validate::dns_label(&svc.name, 63))?;
+    check(|| "service.name".into(), validate_dns_label(&svc.name))?;
     one_per_family("service.frontend_ips", &svc.frontend_ips)?;
     let mut names = BTreeSet::new();
     for (i, p) in svc.ports.iter().enumerate() {
@@ -172,14 +179,14 @@ pub fn service(svc: &ServiceSpec) -> Result {
                 ));
             }
         } else {
-            check(|| field("name"), validate::port_name(&p.name))?;
+            check(|| field("name"), validate_port_name(&p.name))?;
         }
         unique(&mut names, || field("name"), &p.name)?;
         port(|| field("port"), p.port)?;
         match &p.target {
             TargetPort::Number(n) => port(|| field("target_port_number"), *n)?,
             TargetPort::Name(name) => {
-                check(|| field("target_port_name"), validate::port_name(name))?;
+                check(|| field("target_port_name"), validate_port_name(name))?;
             }
         }
     }

@@ -248,7 +248,7 @@ impl Registry {
             .await
             .map_err(OpenError::Identities)?,
         );
-        let (table, renumbered) = restore(snapshot, &allocator, &cluster)
+        let (table, renumbered) = restore(snapshot, &allocator, &config.cluster_name)
             .await
             .map_err(OpenError::Identities)?;
         for entry in &renumbered {
@@ -414,7 +414,7 @@ impl Registry {
         check::endpoint(owner, &spec)?;
         let mut table = self.0.table.lock().await;
         table.check_endpoint(&spec)?;
-        let labels = self.labels_of(&spec);
+        let labels = self.labels_of(&spec)?;
         let identity = self.0.allocator.acquire(&labels).await.map_err(|e| {
             self.0.counters.etcd_errors.fetch_add(1, Ordering::Relaxed);
             RegistryError::Identity(e)
@@ -443,7 +443,7 @@ impl Registry {
         if let Some(previous) = &outcome.previous {
             self.0
                 .allocator
-                .release(&self.labels_of(&previous.spec))
+                .release(&self.labels_of(&previous.spec)?)
                 .await;
         }
         Ok(EndpointUpserted {
@@ -607,7 +607,10 @@ impl Registry {
                 .delete_endpoint(&entry.spec.key())
                 .await
                 .map_err(|e| self.persist_failed(e))?;
-            self.0.allocator.release(&self.labels_of(&entry.spec)).await;
+            self.0
+                .allocator
+                .release(&self.labels_of(&entry.spec)?)
+                .await;
         }
         self.0
             .persistence
@@ -632,7 +635,10 @@ impl Registry {
             .delete_endpoint(key)
             .await
             .map_err(|e| self.persist_failed(e))?;
-        self.0.allocator.release(&self.labels_of(&entry.spec)).await;
+        self.0
+            .allocator
+            .release(&self.labels_of(&entry.spec)?)
+            .await;
         self.publish(table, &dirty);
         Ok(true)
     }
@@ -654,8 +660,11 @@ impl Registry {
         Ok(true)
     }
 
-    fn labels_of(&self, spec: &EndpointSpec) -> String {
-        label_string(&spec.labels, &spec.namespace, self.0.info.name.as_str())
+    /// The endpoint's identity labels; its labels passed [`check::endpoint`],
+    /// which applies the same label rules.
+    fn labels_of(&self, spec: &EndpointSpec) -> Result<String, RegistryError> {
+        label_string(&spec.labels, &spec.namespace, &self.0.info.name)
+            .map_err(|e| RegistryError::Invalid(FieldError::new("endpoint.labels", e.to_string())))
     }
 
     fn persist_failed(&self, e: PersistError) -> RegistryError {
@@ -681,7 +690,7 @@ impl Registry {
 async fn restore(
     snapshot: Snapshot,
     allocator: &Allocator,
-    cluster: &str,
+    cluster: &api::ClusterName,
 ) -> Result<(Table, Vec<EndpointEntry>), IdentityError> {
     let mut table = Table::default();
     let mut renumbered = Vec::new();
@@ -692,7 +701,15 @@ async fn restore(
         table.upsert_service(service);
     }
     for mut entry in snapshot.endpoints {
-        let labels = label_string(&entry.spec.labels, &entry.spec.namespace, cluster);
+        let labels = match label_string(&entry.spec.labels, &entry.spec.namespace, cluster) {
+            Ok(labels) => labels,
+            Err(e) => {
+                // Written by an older version with other label rules: not
+                // restored, its node registers it again.
+                warn!(endpoint = %entry.spec.key(), error = %e, "persisted endpoint has invalid labels; dropped");
+                continue;
+            }
+        };
         if !allocator.adopt(&labels, entry.identity).await? {
             entry.identity = allocator.acquire(&labels).await?;
             renumbered.push(entry.clone());
