@@ -16,10 +16,8 @@ use api::{
 };
 use kvstore::{SyncStore, SyncStoreConfig};
 
-use crate::{
-    model::{NodeSpec, ObjectKey, PortConfig, Protocol},
-    registry::{Dirty, Table},
-};
+use crate::registry::{Dirty, Table};
+use mesh_proto::model::{NodeSpec, ObjectKey, PortConfig, Protocol};
 
 /// Kinds exported, as named in `Status` and in metrics.
 pub const KINDS: [&str; 4] = ["nodes", "ipcache", "identities", "services"];

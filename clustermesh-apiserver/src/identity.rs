@@ -61,7 +61,7 @@ use kvstore::{BackendError, Compare, LeaseId, Revision, Txn, TxnOp};
 use tokio::{sync::Mutex, time::Instant};
 use tracing::{error, info, warn};
 
-use crate::model::Labels;
+use mesh_proto::model::Labels;
 
 /// How many times one acquisition retries after losing a compare to a
 /// concurrent writer before it gives up.

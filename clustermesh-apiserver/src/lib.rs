@@ -31,11 +31,9 @@
 //! The binary is thin: it parses [`config::Args`] and calls [`run`].
 
 pub mod config;
-pub mod convert;
 pub mod export;
 pub mod health;
 pub mod identity;
-pub mod model;
 pub mod persist;
 pub mod registry;
 pub mod server;

@@ -22,10 +22,8 @@ use std::sync::Arc;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{
-    model::{NodeSpec, ObjectKey, ServiceSpec},
-    registry::EndpointEntry,
-};
+use crate::registry::EndpointEntry;
+use mesh_proto::model::{NodeSpec, ObjectKey, ServiceSpec};
 
 /// The private prefix of `cluster`: `mesh/registry/v1/<cluster>/`.
 pub fn prefix(cluster: &str) -> String {

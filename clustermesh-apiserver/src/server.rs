@@ -34,11 +34,11 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
 use crate::{
-    convert,
-    model::ObjectKey,
     registry::{EndpointEntry, FieldError, Owner, Registry, RegistryError, Table},
     source::LocalSource,
 };
+use mesh_proto::convert;
+use mesh_proto::model::ObjectKey;
 
 /// How often a session stream carries a keepalive.
 const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -519,24 +519,7 @@ fn services_snapshot(registry: &Table) -> pb::ListServicesResponse {
     let services = registry
         .services()
         .filter_map(|s| registry.service_view(&s.key()))
-        .map(|view| pb::RegisteredService {
-            service: Some(convert::service_to_proto(view.spec)),
-            backends: view
-                .backends
-                .iter()
-                .map(|(ip, ports)| pb::Backend {
-                    ip: ip.to_string(),
-                    ports: ports
-                        .iter()
-                        .map(|(name, p)| pb::BackendPort {
-                            name: name.clone(),
-                            protocol: convert::protocol_to_proto(p.protocol),
-                            port: p.port.into(),
-                        })
-                        .collect(),
-                })
-                .collect(),
-        })
+        .map(|view| convert::registered_service_to_proto(view.spec, &view.backends))
         .collect();
     pb::ListServicesResponse { services }
 }

@@ -11,9 +11,9 @@ use kvstore::{MemoryBackend, SyncStoreConfig};
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::{
-    model::{EndpointSpec, Labels, NodeSpec, ObjectKey, ServicePort, ServiceSpec, TargetPort},
-    registry::{Listing, Owner, RegistryError},
+use crate::registry::{Listing, Owner, RegistryError};
+use mesh_proto::model::{
+    EndpointSpec, Labels, NodeSpec, ObjectKey, ServicePort, ServiceSpec, TargetPort,
 };
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -93,7 +93,7 @@ fn service() -> ServiceSpec {
         frontend_ips: vec!["10.96.0.10".parse().unwrap()],
         ports: vec![ServicePort {
             name: "http".into(),
-            protocol: crate::model::Protocol::Tcp,
+            protocol: mesh_proto::model::Protocol::Tcp,
             port: 80,
             target: TargetPort::Number(8080),
         }],
@@ -101,7 +101,7 @@ fn service() -> ServiceSpec {
         labels: Labels::new(),
         global: true,
         shared: true,
-        affinity: crate::model::Affinity::None,
+        affinity: mesh_proto::model::Affinity::None,
     }
 }
 

@@ -69,43 +69,9 @@ use crate::clusters::{ClusterEntry, Mesh};
 /// How long connecting to the apiserver may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Errors of turning an apiserver service into the agent's form.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    /// The message has no service.
-    #[error("a registered service without its service")]
-    Missing,
-    /// An IP does not parse.
-    #[error("service {service}: {field} {value:?} is not an IP address")]
-    BadIp {
-        /// `namespace/name`.
-        service: String,
-        /// Which field.
-        field: &'static str,
-        /// The text.
-        value: String,
-    },
-    /// A port is 0 or above 65535.
-    #[error("service {service}: {field} {value} is not a port number")]
-    BadPort {
-        /// `namespace/name`.
-        service: String,
-        /// Which field.
-        field: &'static str,
-        /// The number.
-        value: u32,
-    },
-    /// An unknown protocol or affinity number.
-    #[error("service {service}: unknown {field} {value}")]
-    UnknownEnum {
-        /// `namespace/name`.
-        service: String,
-        /// Which field.
-        field: &'static str,
-        /// The number.
-        value: i32,
-    },
-}
+/// Why a service the apiserver sent cannot be used: the field that does
+/// not parse ([`mesh_proto::convert::registered_service`]).
+pub type ServiceError = mesh_proto::FieldError;
 
 /// Errors of the apiserver stream.
 #[derive(Debug, thiserror::Error)]
@@ -145,40 +111,6 @@ pub enum WatchError {
     },
 }
 
-/// Transport protocols a service port may have. SCTP is a valid service
-/// protocol, but the datapath balances TCP and UDP only.
-fn protocol(number: i32, service: &str) -> Result<Option<Protocol>, ServiceError> {
-    match pb::Protocol::try_from(number) {
-        Ok(pb::Protocol::Unspecified | pb::Protocol::Tcp) => Ok(Some(Protocol::Tcp)),
-        Ok(pb::Protocol::Udp) => Ok(Some(Protocol::Udp)),
-        Ok(pb::Protocol::Sctp) => Ok(None),
-        Err(_) => Err(ServiceError::UnknownEnum {
-            service: service.to_owned(),
-            field: "protocol",
-            value: number,
-        }),
-    }
-}
-
-fn port(value: u32, field: &'static str, service: &str) -> Result<u16, ServiceError> {
-    u16::try_from(value)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| ServiceError::BadPort {
-            service: service.to_owned(),
-            field,
-            value,
-        })
-}
-
-fn ip(text: &str, field: &'static str, service: &str) -> Result<IpAddr, ServiceError> {
-    text.parse().map_err(|_| ServiceError::BadIp {
-        service: service.to_owned(),
-        field,
-        value: text.to_owned(),
-    })
-}
-
 /// One port of a service's frontends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
@@ -212,62 +144,52 @@ pub struct LocalService {
 }
 
 impl LocalService {
-    /// Converts and validates one entry of a `ListServicesResponse`.
+    /// Converts one entry of a `ListServicesResponse` (parsed by the
+    /// apiserver's own parser); SCTP ports are left out: the datapath
+    /// balances TCP and UDP only.
     ///
     /// # Errors
     ///
     /// A [`ServiceError`] naming the first invalid field.
     pub fn from_proto(registered: pb::RegisteredService) -> Result<Self, ServiceError> {
-        let svc = registered.service.ok_or(ServiceError::Missing)?;
-        let id = format!("{}/{}", svc.namespace, svc.name);
-        let frontend_ips = svc
-            .frontend_ips
-            .iter()
-            .map(|t| ip(t, "frontend_ips", &id))
-            .collect::<Result<_, _>>()?;
-        let mut ports = Vec::new();
-        for p in &svc.ports {
-            if let Some(protocol) = protocol(p.protocol, &id)? {
-                ports.push(ServicePort {
-                    name: p.name.clone(),
-                    protocol,
-                    port: port(p.port, "ports.port", &id)?,
-                });
-            }
-        }
-        let affinity = match pb::Affinity::try_from(svc.affinity) {
-            Ok(pb::Affinity::None) => Affinity::None,
-            Ok(pb::Affinity::Local) => Affinity::Local,
-            Ok(pb::Affinity::Remote) => Affinity::Remote,
-            Err(_) => {
-                return Err(ServiceError::UnknownEnum {
-                    service: id,
-                    field: "affinity",
-                    value: svc.affinity,
-                })
-            }
+        use mesh_proto::model::Protocol as Wire;
+        let l4 = |p: Wire| match p {
+            Wire::Tcp => Some(Protocol::Tcp),
+            Wire::Udp => Some(Protocol::Udp),
+            Wire::Sctp => None,
         };
-        let mut backends = BTreeMap::new();
-        for b in &registered.backends {
-            let mut by_name = BTreeMap::new();
-            for p in &b.ports {
-                if let Some(protocol) = protocol(p.protocol, &id)? {
-                    by_name.insert(
-                        p.name.clone(),
-                        (protocol, port(p.port, "backends.ports.port", &id)?),
-                    );
-                }
-            }
-            backends.insert(ip(&b.ip, "backends.ip", &id)?, by_name);
-        }
+        let parsed = mesh_proto::convert::registered_service(registered)?;
+        let svc = parsed.spec;
+        let ports = svc
+            .ports
+            .iter()
+            .filter_map(|p| {
+                Some(ServicePort {
+                    name: p.name.clone(),
+                    protocol: l4(p.protocol)?,
+                    port: p.port,
+                })
+            })
+            .collect();
+        let backends = parsed
+            .backends
+            .into_iter()
+            .map(|(ip, ports)| {
+                let by_name = ports
+                    .into_iter()
+                    .filter_map(|(name, p)| Some((name, (l4(p.protocol)?, p.port))))
+                    .collect();
+                (ip, by_name)
+            })
+            .collect();
         Ok(Self {
             namespace: svc.namespace,
             name: svc.name,
-            frontend_ips,
+            frontend_ips: svc.frontend_ips,
             ports,
             global: svc.global,
-            shared: svc.shared.unwrap_or(true),
-            affinity,
+            shared: svc.shared,
+            affinity: svc.affinity,
             backends,
         })
     }

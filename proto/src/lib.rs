@@ -9,6 +9,34 @@
 //!
 //! The `.proto` file is the contract; see its comments for the semantics of
 //! sessions, ownership and validation.
+//!
+//! Beside the generated code: [`model`], the typed records the messages carry
+//! (what the apiserver's registry holds and persists), and [`convert`], the
+//! one parser of the messages into them (and back), which the apiserver uses
+//! for requests and the node agent for the services it is sent.
+
+pub mod convert;
+pub mod model;
+
+/// A message refused because of one field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    /// Path of the field in the message, e.g. `endpoint.ips[1]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl FieldError {
+    /// A refusal of `field` for `reason`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
 
 /// Package `mesh.v1`.
 pub mod v1 {

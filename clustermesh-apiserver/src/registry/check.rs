@@ -17,7 +17,7 @@ use base64::Engine as _;
 use super::{FieldError, Owner};
 use api::names::{validate_dns_label, validate_dns_subdomain, validate_port, validate_port_name};
 
-use crate::model::{EndpointSpec, Labels, NodeSpec, ServiceSpec, TargetPort};
+use mesh_proto::model::{EndpointSpec, Labels, NodeSpec, ServiceSpec, TargetPort};
 
 type Result<T = ()> = std::result::Result<T, FieldError>;
 
@@ -197,7 +197,7 @@ pub fn service(svc: &ServiceSpec) -> Result {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Affinity, NamedPort, Protocol, ServicePort};
+    use mesh_proto::model::{Affinity, NamedPort, Protocol, ServicePort};
 
     fn endpoint_spec() -> EndpointSpec {
         EndpointSpec {

@@ -65,9 +65,9 @@ use crate::{
     config::Config,
     export::{self, ClusterInfo, Exporter},
     identity::{label_string, Allocator, AllocatorConfig, IdentityError},
-    model::{EndpointSpec, NodeSpec, ObjectKey, ServiceSpec},
     persist::{PersistError, Persistence, Snapshot},
 };
+use mesh_proto::model::{EndpointSpec, NodeSpec, ObjectKey, ServiceSpec};
 
 /// Who writes a record, and so what it may write and what [`Registry::retain`]
 /// may sweep on its behalf.

@@ -18,25 +18,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{resolve_target, EndpointSpec, NodeSpec, ObjectKey, PortConfig, ServiceSpec};
+use mesh_proto::model::{
+    resolve_target, EndpointSpec, NodeSpec, ObjectKey, PortConfig, ServiceSpec,
+};
 
-/// A request refused because of one field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct FieldError {
-    /// Path of the field in the request, e.g. `endpoint.ips[1]`.
-    pub field: String,
-    pub reason: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            reason: reason.into(),
-        }
-    }
-}
+pub use mesh_proto::FieldError;
 
 /// A registered endpoint with what the apiserver decided about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -411,7 +397,7 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Affinity, NamedPort, Protocol, ServicePort, TargetPort};
+    use mesh_proto::model::{Affinity, NamedPort, Protocol, ServicePort, TargetPort};
 
     fn node(name: &str, cidr: &str, host: &str) -> NodeSpec {
         NodeSpec {
@@ -441,7 +427,7 @@ mod tests {
         }
     }
 
-    use crate::model::Labels;
+    use mesh_proto::model::Labels;
 
     fn registry() -> Table {
         let mut r = Table::default();

@@ -1,11 +1,13 @@
-//! The registry's own records: what the local source declared (node agents
-//! and meshctl in standalone mode), checked by [`crate::registry`].
+//! The typed records of the API: what the local source declares (node agents
+//! and meshctl in standalone mode), which the clustermesh-apiserver's
+//! registry checks, holds and exports, and which the node agent is sent
+//! back as services.
 //!
 //! These are neither the protobuf messages (which accept anything and are
-//! checked in [`crate::convert`]) nor the exported Cilium records (which are
-//! rendered from them in [`crate::export`]). They are also what the apiserver
-//! persists under its private prefix, so they derive serde: the persisted JSON
-//! is our format, versioned by the `v1` in the prefix.
+//! parsed in [`crate::convert`]) nor the exported Cilium records (which the
+//! apiserver renders from them). They are also what the apiserver persists
+//! under its private prefix, so they derive serde: the persisted JSON is our
+//! format, versioned by the `v1` in the prefix.
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
@@ -125,13 +127,7 @@ pub struct ServicePort {
     pub target: TargetPort,
 }
 
-/// Which backends a client of a global service prefers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Affinity {
-    None,
-    Local,
-    Remote,
-}
+pub use api::Affinity;
 
 /// A declared service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

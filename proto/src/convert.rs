@@ -5,20 +5,23 @@
 //! into a `u16`, an enum number into its variant) and fills in the wire
 //! defaults (an empty `endpoint.node` is the session's node, an empty service
 //! account is `default`, an absent `shared` is true). Each failure names the
-//! field as a path into the request (`endpoint.ips[1]`). Every rule about the
-//! values themselves is checked by the registry ([`crate::registry`]), the
-//! same for every source.
+//! field as a path into the message (`endpoint.ips[1]`). Every rule about the
+//! values themselves is checked by the apiserver's registry, the same for
+//! every source.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use mesh_proto::v1 as pb;
 
+use std::collections::BTreeMap;
+
+use crate::v1 as pb;
 use crate::{
     model::{
-        Affinity, EndpointSpec, NamedPort, NodeSpec, Protocol, ServicePort, ServiceSpec, TargetPort,
+        Affinity, EndpointSpec, NamedPort, NodeSpec, PortConfig, Protocol, ServicePort,
+        ServiceSpec, TargetPort,
     },
-    registry::FieldError,
+    FieldError,
 };
 
 type Result<T> = std::result::Result<T, FieldError>;
@@ -264,4 +267,124 @@ pub fn service_to_proto(s: &ServiceSpec) -> pb::Service {
 /// Protocol of the model → protobuf enum value.
 pub fn protocol_to_proto(p: Protocol) -> i32 {
     proto_protocol(p)
+}
+
+/// A service with its backends, as `ListServices` and `WatchServices` send it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredService {
+    /// The service.
+    pub spec: ServiceSpec,
+    /// Its local backends: IP → port name → protocol and port.
+    pub backends: BTreeMap<IpAddr, BTreeMap<String, PortConfig>>,
+}
+
+/// Registry view → protobuf.
+pub fn registered_service_to_proto(
+    spec: &ServiceSpec,
+    backends: &BTreeMap<IpAddr, BTreeMap<String, PortConfig>>,
+) -> pb::RegisteredService {
+    pb::RegisteredService {
+        service: Some(service_to_proto(spec)),
+        backends: backends
+            .iter()
+            .map(|(ip, ports)| pb::Backend {
+                ip: ip.to_string(),
+                ports: ports
+                    .iter()
+                    .map(|(name, p)| pb::BackendPort {
+                        name: name.clone(),
+                        protocol: proto_protocol(p.protocol),
+                        port: p.port.into(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Parses one entry of a `ListServicesResponse`.
+///
+/// # Errors
+///
+/// The first field that does not parse (paths start at `service` or
+/// `backends[i]`).
+pub fn registered_service(registered: pb::RegisteredService) -> Result<RegisteredService> {
+    let spec = service(registered.service)?;
+    let mut backends = BTreeMap::new();
+    for (i, b) in registered.backends.iter().enumerate() {
+        let mut by_name = BTreeMap::new();
+        for (j, p) in b.ports.iter().enumerate() {
+            let field = |f: &str| format!("backends[{i}].ports[{j}].{f}");
+            by_name.insert(
+                p.name.clone(),
+                PortConfig {
+                    protocol: protocol(|| field("protocol"), p.protocol)?,
+                    port: port(|| field("port"), p.port)?,
+                },
+            );
+        }
+        backends.insert(ip(|| format!("backends[{i}].ip"), &b.ip)?, by_name);
+    }
+    Ok(RegisteredService { spec, backends })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire() -> pb::RegisteredService {
+        pb::RegisteredService {
+            service: Some(pb::Service {
+                namespace: "default".into(),
+                name: "web".into(),
+                frontend_ips: vec!["10.96.0.10".into()],
+                ports: vec![pb::ServicePort {
+                    name: "http".into(),
+                    protocol: pb::Protocol::Tcp.into(),
+                    port: 80,
+                    target: Some(pb::service_port::Target::TargetPortNumber(8080)),
+                }],
+                global: true,
+                affinity: pb::Affinity::Local.into(),
+                ..pb::Service::default()
+            }),
+            backends: vec![pb::Backend {
+                ip: "10.1.1.5".into(),
+                ports: vec![pb::BackendPort {
+                    name: "http".into(),
+                    protocol: pb::Protocol::Tcp.into(),
+                    port: 8080,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_registered_service_round_trips() {
+        let parsed = registered_service(wire()).unwrap();
+        assert!(
+            parsed.spec.global && parsed.spec.shared,
+            "absent shared is true"
+        );
+        assert_eq!(parsed.spec.affinity, Affinity::Local);
+        let back = registered_service_to_proto(&parsed.spec, &parsed.backends);
+        assert_eq!(registered_service(back).unwrap(), parsed);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let mut bad = wire();
+        bad.backends[0].ports[0].port = 0;
+        let err = registered_service(bad).unwrap_err();
+        assert_eq!(err.field, "backends[0].ports[0].port");
+        let mut bad = wire();
+        bad.backends[0].ip = "10.1.1".into();
+        assert_eq!(registered_service(bad).unwrap_err().field, "backends[0].ip");
+        let mut bad = wire();
+        bad.service.as_mut().unwrap().affinity = 9;
+        assert_eq!(
+            registered_service(bad).unwrap_err().field,
+            "service.affinity"
+        );
+    }
 }
