@@ -802,7 +802,7 @@ fn service_command(cli: &Cli, cmd: &ServiceCommand) -> Result<ExitCode> {
             let (frontend_ips, port, protocol) = service::parse_frontends(&args.frontend)?;
             let target = match &args.target_port {
                 Some(t) => service::parse_target(t)?,
-                None => mesh_proto::v1::service_port::Target::TargetPortNumber(port.into()),
+                None => mesh_proto::model::TargetPort::Number(port),
             };
             let request = service::ServiceRequest {
                 namespace,

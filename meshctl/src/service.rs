@@ -25,6 +25,7 @@ use serde::Serialize;
 use api::agent::{AgentStatus, ServiceStatus};
 /// `--affinity`: the agent's own type, so flag values and status agree.
 pub use api::Affinity;
+use mesh_proto::model::{Protocol, ServicePort, ServiceSpec, TargetPort};
 
 use crate::clustermesh::status::read_agent_status;
 use crate::lab::ip;
@@ -104,11 +105,11 @@ pub struct ServiceRequest {
     /// Frontend port.
     pub port: u16,
     /// `TCP` or `UDP` (or `SCTP`).
-    pub protocol: pb::Protocol,
+    pub protocol: Protocol,
     /// Port name (backends of other clusters are matched by it).
     pub port_name: String,
     /// Target port number or named port.
-    pub target: pb::service_port::Target,
+    pub target: TargetPort,
     /// Endpoint selector.
     pub selector: BTreeMap<String, String>,
     /// `service.cilium.io/global`.
@@ -138,13 +139,13 @@ pub fn parse_name(text: &str) -> Result<(String, String), ServiceError> {
 /// # Errors
 ///
 /// [`ServiceError::Frontend`].
-pub fn parse_frontend(text: &str) -> Result<(SocketAddr, pb::Protocol), ServiceError> {
+pub fn parse_frontend(text: &str) -> Result<(SocketAddr, Protocol), ServiceError> {
     let bad = || ServiceError::Frontend(text.to_owned());
     let (addr, proto) = text.rsplit_once('/').unwrap_or((text, "TCP"));
     let protocol = match proto.to_ascii_uppercase().as_str() {
-        "TCP" => pb::Protocol::Tcp,
-        "UDP" => pb::Protocol::Udp,
-        "SCTP" => pb::Protocol::Sctp,
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        "SCTP" => Protocol::Sctp,
         _ => return Err(bad()),
     };
     let addr: SocketAddr = addr.parse().map_err(|_| bad())?;
@@ -159,17 +160,17 @@ pub fn parse_frontend(text: &str) -> Result<(SocketAddr, pb::Protocol), ServiceE
 /// # Errors
 ///
 /// [`ServiceError::TargetPort`] for 0, a number above 65535 or an empty name.
-pub fn parse_target(text: &str) -> Result<pb::service_port::Target, ServiceError> {
+pub fn parse_target(text: &str) -> Result<TargetPort, ServiceError> {
     if text.chars().all(|c| c.is_ascii_digit()) && !text.is_empty() {
         return match text.parse::<u16>() {
-            Ok(n) if n != 0 => Ok(pb::service_port::Target::TargetPortNumber(n.into())),
+            Ok(n) if n != 0 => Ok(TargetPort::Number(n)),
             _ => Err(ServiceError::TargetPort(text.to_owned())),
         };
     }
     if text.is_empty() || text.contains(char::is_whitespace) {
         return Err(ServiceError::TargetPort(text.to_owned()));
     }
-    Ok(pb::service_port::Target::TargetPortName(text.to_owned()))
+    Ok(TargetPort::Name(text.to_owned()))
 }
 
 /// Parses `k=v,k2=v2`.
@@ -192,7 +193,7 @@ pub fn parse_selector(text: &str) -> Result<BTreeMap<String, String>, ServiceErr
 /// # Errors
 ///
 /// [`ServiceError::Frontend`] or [`ServiceError::FrontendPorts`].
-pub fn parse_frontends(texts: &[String]) -> Result<(Vec<IpAddr>, u16, pb::Protocol), ServiceError> {
+pub fn parse_frontends(texts: &[String]) -> Result<(Vec<IpAddr>, u16, Protocol), ServiceError> {
     let mut parsed = Vec::new();
     for t in texts {
         parsed.push((t, parse_frontend(t)?));
@@ -216,29 +217,29 @@ pub fn parse_frontends(texts: &[String]) -> Result<(Vec<IpAddr>, u16, pb::Protoc
 }
 
 impl ServiceRequest {
-    /// The gRPC message.
-    pub fn to_proto(&self) -> pb::Service {
-        pb::Service {
+    /// The service as the API models it.
+    pub fn spec(&self) -> ServiceSpec {
+        ServiceSpec {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
-            frontend_ips: self.frontend_ips.iter().map(ToString::to_string).collect(),
-            ports: vec![pb::ServicePort {
+            frontend_ips: self.frontend_ips.clone(),
+            ports: vec![ServicePort {
                 name: self.port_name.clone(),
-                protocol: self.protocol.into(),
-                port: self.port.into(),
-                target: Some(self.target.clone()),
+                protocol: self.protocol,
+                port: self.port,
+                target: self.target.clone(),
             }],
-            selector: self.selector.clone().into_iter().collect(),
+            selector: self.selector.clone(),
             labels: Default::default(),
             global: self.global,
-            shared: Some(self.shared),
-            affinity: match self.affinity {
-                Affinity::None => pb::Affinity::None,
-                Affinity::Local => pb::Affinity::Local,
-                Affinity::Remote => pb::Affinity::Remote,
-            }
-            .into(),
+            shared: self.shared,
+            affinity: self.affinity,
         }
+    }
+
+    /// The gRPC message.
+    pub fn to_proto(&self) -> pb::Service {
+        mesh_proto::convert::service_to_proto(&self.spec())
     }
 }
 
@@ -455,11 +456,11 @@ mod tests {
     fn frontends_parse_and_must_agree() {
         assert_eq!(
             parse_frontend("10.96.0.10:80/udp").unwrap(),
-            ("10.96.0.10:80".parse().unwrap(), pb::Protocol::Udp)
+            ("10.96.0.10:80".parse().unwrap(), Protocol::Udp)
         );
         assert_eq!(
             parse_frontend("[fd00::10]:443").unwrap().1,
-            pb::Protocol::Tcp
+            Protocol::Tcp
         );
         for bad in [
             "10.96.0.10",
@@ -488,11 +489,11 @@ mod tests {
     fn target_ports_names_and_selectors() {
         assert_eq!(
             parse_target("8080").unwrap(),
-            pb::service_port::Target::TargetPortNumber(8080)
+            TargetPort::Number(8080)
         );
         assert_eq!(
             parse_target("http").unwrap(),
-            pb::service_port::Target::TargetPortName("http".into())
+            TargetPort::Name("http".into())
         );
         assert!(parse_target("0").is_err());
         assert!(parse_target("70000").is_err());
@@ -510,9 +511,9 @@ mod tests {
             name: "web".into(),
             frontend_ips: vec!["10.96.0.10".parse().unwrap()],
             port: 80,
-            protocol: pb::Protocol::Tcp,
+            protocol: Protocol::Tcp,
             port_name: String::new(),
-            target: pb::service_port::Target::TargetPortNumber(8080),
+            target: TargetPort::Number(8080),
             selector: [("app".to_owned(), "web".to_owned())].into(),
             global: true,
             shared: false,
