@@ -458,10 +458,7 @@ mod tests {
             parse_frontend("10.96.0.10:80/udp").unwrap(),
             ("10.96.0.10:80".parse().unwrap(), Protocol::Udp)
         );
-        assert_eq!(
-            parse_frontend("[fd00::10]:443").unwrap().1,
-            Protocol::Tcp
-        );
+        assert_eq!(parse_frontend("[fd00::10]:443").unwrap().1, Protocol::Tcp);
         for bad in [
             "10.96.0.10",
             "10.96.0.10:0/TCP",
@@ -487,10 +484,7 @@ mod tests {
 
     #[test]
     fn target_ports_names_and_selectors() {
-        assert_eq!(
-            parse_target("8080").unwrap(),
-            TargetPort::Number(8080)
-        );
+        assert_eq!(parse_target("8080").unwrap(), TargetPort::Number(8080));
         assert_eq!(
             parse_target("http").unwrap(),
             TargetPort::Name("http".into())

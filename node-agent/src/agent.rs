@@ -7,6 +7,7 @@ use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use api::agent::{AgentStatus, ClusterStatus};
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
 use crate::{
@@ -213,7 +214,11 @@ pub async fn run(
         )));
     }
     cluster_tasks.extend(service_tasks);
-    let _abort_clusters = AbortOnDrop(cluster_tasks);
+    // Stopping the agent aborts the cluster tasks (stop keeps datapath state).
+    let _abort_clusters: Vec<AbortOnDropHandle<()>> = cluster_tasks
+        .into_iter()
+        .map(AbortOnDropHandle::new)
+        .collect();
     let mut tasks = tokio::task::JoinSet::new();
     {
         let stop = stopped();
@@ -273,17 +278,6 @@ pub async fn run(
         res.context("server task panicked")??;
     }
     Ok(())
-}
-
-/// Aborts the cluster tasks when the agent stops (stop keeps datapath state).
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
 }
 
 /// Sets up the devices of the routing and encryption mode and attaches the

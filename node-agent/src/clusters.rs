@@ -53,7 +53,10 @@ use api::{
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::BoxFuture;
 use kvstore::{Event, ListWatch, WatchStore, WatchStoreConfig};
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::{
+    sync::Notify,
+    task::{JoinHandle, JoinSet},
+};
 use tracing::{info, warn, Instrument};
 
 use api::agent::ClusterStatus;
@@ -596,7 +599,7 @@ impl Context {
     }
 
     fn failure(&self, cluster: &str, error: &ClusterError) {
-        let text = error_chain(error);
+        let text = kvstore::error_chain(error);
         warn!(cluster, error = %text, "cluster connection failed");
         self.set_status(cluster, |s| {
             s.connected = false;
@@ -727,7 +730,8 @@ impl Context {
             cached: config.capabilities.cached,
             ..WatchStoreConfig::default()
         };
-        let mut forwarders = Vec::new();
+        // The store forwarders end with the connection (JoinSet aborts on drop).
+        let mut forwarders = JoinSet::new();
         let changes = Arc::new(Changes::default());
         let streams = Streams {
             backend: &backend,
@@ -788,7 +792,6 @@ impl Context {
             services = mode.name(),
             "connected"
         );
-        let _abort = AbortOnDrop(forwarders);
         let mut probe = tokio::time::interval(PROBE_PERIOD);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_ready = false;
@@ -847,7 +850,7 @@ impl Context {
     fn store<R: Resource>(
         &self,
         streams: &Streams<'_>,
-        forwarders: &mut Vec<JoinHandle<()>>,
+        forwarders: &mut JoinSet<()>,
         route: fn(&R) -> Route,
     ) -> WatchStore<R> {
         let (store, mut events) = WatchStore::<R>::spawn(
@@ -857,7 +860,7 @@ impl Context {
         );
         let mesh = self.mesh.clone();
         let changes = streams.changes.clone();
-        forwarders.push(tokio::spawn(
+        forwarders.spawn(
             async move {
                 while let Some(event) = events.recv().await {
                     let record = match &event {
@@ -879,7 +882,7 @@ impl Context {
                 }
             }
             .in_current_span(),
-        ));
+        );
         store
     }
 }
@@ -907,28 +910,6 @@ async fn wait_synced(stores: &ClusterStores) {
     stores.endpoints.wait_until_synced().await;
     stores.identities.wait_until_synced().await;
     stores.services.wait_until_synced().await;
-}
-
-struct AbortOnDrop(Vec<JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-/// `error: cause: cause` on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// A running cluster task and the config it runs with.

@@ -252,7 +252,7 @@ pub async fn watch_local_services(
             backoff = builder.build();
         }
         let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-        warn!(error = %crate::clusters::error_chain(&error), ?delay, "local services stream broke; keeping the last snapshot");
+        warn!(error = %kvstore::error_chain(&error), ?delay, "local services stream broke; keeping the last snapshot");
         tokio::select! {
             () = &mut shutdown => return,
             () = tokio::time::sleep(delay) => {}
@@ -631,7 +631,7 @@ impl ServiceReconciler {
                 }
                 Err(e) => {
                     errors += 1;
-                    warn!(%frontend, service = %want.service, error = %crate::clusters::error_chain(&e), "programming service failed");
+                    warn!(%frontend, service = %want.service, error = %kvstore::error_chain(&e), "programming service failed");
                 }
             }
         }
@@ -655,7 +655,7 @@ impl ServiceReconciler {
             }
             Err(e) => {
                 *errors += 1;
-                warn!(%frontend, error = %crate::clusters::error_chain(&e), "removing service failed");
+                warn!(%frontend, error = %kvstore::error_chain(&e), "removing service failed");
             }
         }
     }
