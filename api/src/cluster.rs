@@ -159,6 +159,14 @@ impl fmt::Debug for ClusterName {
     }
 }
 
+/// A name is its text: equal, ordered and hashed as the string, so maps keyed
+/// by [`ClusterName`] are looked up with a `&str`.
+impl std::borrow::Borrow<str> for ClusterName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl AsRef<str> for ClusterName {
     fn as_ref(&self) -> &str {
         &self.0

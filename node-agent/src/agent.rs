@@ -61,8 +61,8 @@ fn fill_from_stores(status: &mut ClusterStatus, entry: &clusters::ClusterEntry) 
 impl StatusSource for LiveStatus {
     async fn snapshot(&self) -> AgentStatus {
         AgentStatus {
-            cluster_name: self.config.cluster_name.clone(),
-            cluster_id: self.config.cluster_id,
+            cluster_name: self.config.cluster_name.to_string(),
+            cluster_id: self.config.cluster_id.get(),
             node_name: self.config.node_name.clone(),
             routing: self.config.routing,
             encryption: self.config.encryption,
@@ -72,7 +72,7 @@ impl StatusSource for LiveStatus {
                 let mesh = self.mesh.snapshot();
                 let mut clusters = self.hub.clusters();
                 for c in &mut clusters {
-                    if let Some(entry) = mesh.get(&c.name) {
+                    if let Some(entry) = mesh.get(c.name.as_str()) {
                         fill_from_stores(c, entry);
                     }
                 }
@@ -180,7 +180,7 @@ pub async fn run(
         ipcache,
         tunnel,
         LocalNode {
-            cluster: config.cluster_name.clone(),
+            cluster: config.cluster_name.to_string(),
             node_name: config.node_name.clone(),
             node_ip: config.node_ip,
             routing: config.routing,

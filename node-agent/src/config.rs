@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use api::{ClusterId, ClusterName, MaxConnectedClusters};
 use clap::Parser;
 use ipnet::Ipv4Net;
 
@@ -128,11 +129,11 @@ pub enum EtcdSource {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Local cluster name.
-    pub cluster_name: String,
+    pub cluster_name: ClusterName,
     /// Local cluster ID.
-    pub cluster_id: u16,
+    pub cluster_id: ClusterId,
     /// 255 or 511.
-    pub max_connected_clusters: u16,
+    pub max_connected_clusters: MaxConnectedClusters,
     /// This node's name.
     pub node_name: String,
     /// This node's underlay address.
@@ -182,17 +183,17 @@ impl Config {
             "--max-connected-clusters",
             Some(&flags.max_connected_clusters),
             |v| match v {
-                "255" => Ok(255),
-                "511" => Ok(511),
+                "255" => Ok(MaxConnectedClusters::Max255),
+                "511" => Ok(MaxConnectedClusters::Max511),
                 _ => Err("must be 255 or 511".into()),
             },
         )
-        .unwrap_or(255);
+        .unwrap_or(MaxConnectedClusters::Max255);
         let cluster_name = check(
             &mut errs,
             "--cluster-name",
             flags.cluster_name.as_deref(),
-            |v| validate_cluster_name(v).map(|()| v.to_owned()),
+            |v| ClusterName::new(v).map_err(|e| e.to_string()),
         );
         let cluster_id = check(
             &mut errs,
@@ -200,14 +201,15 @@ impl Config {
             flags.cluster_id.as_deref(),
             |v| {
                 let id: u16 = v.parse().map_err(|_| "not a number".to_owned())?;
-                if id == 0 || id > max_connected_clusters {
-                    return Err(format!("must be in 1..={max_connected_clusters}"));
-                }
-                Ok(id)
+                ClusterId::new(id, max_connected_clusters).map_err(|_| {
+                    format!("must be in 1..={}", max_connected_clusters.max_cluster_id())
+                })
             },
         );
         let node_name = check(&mut errs, "--node-name", flags.node_name.as_deref(), |v| {
-            validate_dns_subdomain(v).map(|()| v.to_owned())
+            api::names::validate_dns_subdomain(v)
+                .map(|()| v.to_owned())
+                .map_err(str::to_owned)
         });
         let node_ip = check(&mut errs, "--node-ip", flags.node_ip.as_deref(), |v| {
             let ip: Ipv4Addr = v.parse().map_err(|_| "not an IPv4 address".to_owned())?;
@@ -487,43 +489,6 @@ fn check<T>(
     }
 }
 
-/// Cluster names as Cilium accepts them: at most 32 characters of
-/// `^([a-z0-9][-a-z0-9]*)?[a-z0-9]$`.
-pub(crate) fn validate_cluster_name(v: &str) -> Result<(), String> {
-    if v.is_empty() || v.len() > 32 {
-        return Err("must be 1 to 32 characters".into());
-    }
-    let ok_chars = v
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !ok_chars || v.starts_with('-') || v.ends_with('-') {
-        return Err(
-            "must be lowercase letters, digits and '-', not starting or ending with '-'".into(),
-        );
-    }
-    Ok(())
-}
-
-/// DNS-1123 subdomain: at most 253 characters, dot-separated labels of
-/// lowercase alphanumerics and '-'.
-fn validate_dns_subdomain(v: &str) -> Result<(), String> {
-    if v.is_empty() || v.len() > 253 {
-        return Err("must be 1 to 253 characters".into());
-    }
-    for label in v.split('.') {
-        let ok = !label.is_empty()
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !label.starts_with('-')
-            && !label.ends_with('-');
-        if !ok {
-            return Err("not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')".into());
-        }
-    }
-    Ok(())
-}
-
 fn validate_url(v: &str) -> Result<(), String> {
     let rest = v
         .strip_prefix("http://")
@@ -586,7 +551,7 @@ mod tests {
     fn good_flags_give_a_config_with_defaults() {
         let c = Config::from_flags(&flags(GOOD)).expect("valid");
         assert_eq!(c.cluster_name, "c1");
-        assert_eq!(c.cluster_id, 1);
+        assert_eq!(c.cluster_id.get(), 1);
         assert_eq!(c.node_ip, Ipv4Addr::new(192, 168, 1, 2));
         assert_eq!(c.pod_cidr.to_string(), "10.1.1.0/24");
         assert_eq!(
@@ -674,18 +639,11 @@ mod tests {
         args[1] = "--cluster-id=400";
         assert!(Config::from_flags(&flags(&args)).is_err());
         args.push("--max-connected-clusters=511");
-        assert_eq!(Config::from_flags(&flags(&args)).unwrap().cluster_id, 400);
+        assert_eq!(
+            Config::from_flags(&flags(&args)).unwrap().cluster_id.get(),
+            400
+        );
         args[1] = "--cluster-id=0";
         assert!(Config::from_flags(&flags(&args)).is_err());
-    }
-
-    #[test]
-    fn cluster_names() {
-        for ok in ["c1", "a", "east-1", "x".repeat(32).as_str()] {
-            assert!(validate_cluster_name(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "-a", "a-", "A", "a_b", "x".repeat(33).as_str()] {
-            assert!(validate_cluster_name(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -25,7 +25,7 @@ use std::{
     sync::Arc,
 };
 
-use api::{Node, ReservedIdentity};
+use api::{ClusterName, Node, ReservedIdentity};
 use datapath::{IpcacheEntry, IpcacheFlags};
 use ipnet::IpNet;
 use tunnel::routes::RemoteNode;
@@ -256,12 +256,12 @@ pub fn sort_by_precedence<S>(clusters: &mut [ActiveCluster<S>]) {
 /// Every cluster of `clusters` with the connections that count, in
 /// precedence order.
 pub fn active_clusters(
-    clusters: &BTreeMap<String, ClusterEntry>,
+    clusters: &BTreeMap<ClusterName, ClusterEntry>,
 ) -> Vec<ActiveCluster<ClusterStores>> {
     let mut out: Vec<_> = clusters
         .iter()
         .map(|(name, entry)| ActiveCluster {
-            name: name.clone(),
+            name: name.to_string(),
             local: entry.local,
             sources: entry.sources().cloned().collect(),
         })
@@ -642,14 +642,14 @@ mod tests {
 
     /// [`desired_state`] of the stores, checked against an [`Index`] built
     /// from the same stores.
-    fn full(clusters: &BTreeMap<String, ClusterEntry>, me: &LocalNode) -> Desired {
+    fn full(clusters: &BTreeMap<ClusterName, ClusterEntry>, me: &LocalNode) -> Desired {
         let d = desired_state(&active_clusters(clusters), me);
         let index = Index::build(active_clusters(clusters), me.clone());
         assert_eq!(index.to_desired(), d, "index built from the stores");
         d
     }
 
-    async fn two_clusters() -> BTreeMap<String, ClusterEntry> {
+    async fn two_clusters() -> BTreeMap<ClusterName, ClusterEntry> {
         let c1 = cluster(
             "c1",
             1,
@@ -672,7 +672,7 @@ mod tests {
             &[pod("10.2.1.9", 131_400, "192.168.2.2")],
         )
         .await;
-        [("c1".to_owned(), c1), ("c2".to_owned(), c2)].into()
+        [("c1".parse().unwrap(), c1), ("c2".parse().unwrap(), c2)].into()
     }
 
     fn entry(identity: u32, tep: Option<&str>, flags: IpcacheFlags) -> IpcacheEntry {
@@ -744,7 +744,7 @@ mod tests {
         let mut clusters = two_clusters().await;
         // c2 claims c1's pod IP (with an identity in c2's own range).
         clusters.insert(
-            "c2".into(),
+            "c2".parse().unwrap(),
             cluster(
                 "c2",
                 2,

@@ -42,6 +42,7 @@ use std::{
     time::Duration,
 };
 
+use api::ClusterName;
 use datapath::{Ipcache, IpcacheEntry};
 use ipnet::IpNet;
 use tokio::time::Instant;
@@ -296,7 +297,7 @@ impl Reconciler {
         self.full_pass(started, Some(&suspects)).await;
     }
 
-    fn update_sweeping(&mut self, clusters: &BTreeMap<String, ClusterEntry>) {
+    fn update_sweeping(&mut self, clusters: &BTreeMap<ClusterName, ClusterEntry>) {
         if self.sweeping {
             return;
         }
@@ -446,7 +447,7 @@ fn index_remotes(
 }
 
 /// Whether every cluster that is not refused has synced.
-pub fn all_synced(clusters: &BTreeMap<String, ClusterEntry>) -> bool {
+pub fn all_synced(clusters: &BTreeMap<ClusterName, ClusterEntry>) -> bool {
     clusters.values().all(|c| c.refused || c.synced())
 }
 

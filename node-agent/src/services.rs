@@ -56,7 +56,7 @@ use std::{
 };
 
 use api::agent::{Affinity, BackendStatus, FrontendStatus, ServiceStatus, ServicesStatus};
-use api::ClusterService;
+use api::{ClusterName, ClusterService};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use datapath::{Backend, Frontend, LoadBalancer, Protocol, ServiceFlags};
 use futures::StreamExt as _;
@@ -352,7 +352,7 @@ struct RemoteExport {
 /// Every remote cluster's exported services by `(namespace, name)`, clusters
 /// in name order, the current connection's records before the previous one's.
 fn remote_exports(
-    clusters: &BTreeMap<String, ClusterEntry>,
+    clusters: &BTreeMap<ClusterName, ClusterEntry>,
 ) -> BTreeMap<(String, String), Vec<RemoteExport>> {
     let mut out: BTreeMap<(String, String), Vec<RemoteExport>> = BTreeMap::new();
     for (name, entry) in clusters.iter().filter(|(_, e)| !e.local && !e.refused) {
@@ -361,7 +361,7 @@ fn remote_exports(
                 out.entry((service.namespace.clone(), service.name.clone()))
                     .or_default()
                     .push(RemoteExport {
-                        cluster: name.clone(),
+                        cluster: name.to_string(),
                         cluster_id: stores.scope.cluster_id.get(),
                         service,
                     });
@@ -383,7 +383,7 @@ fn l4(protocol: api::L4Protocol) -> Option<Protocol> {
 /// module docs for the rules. `local_cluster`/`local_id` name this cluster.
 pub fn desired_services(
     local: &[LocalService],
-    clusters: &BTreeMap<String, ClusterEntry>,
+    clusters: &BTreeMap<ClusterName, ClusterEntry>,
     local_cluster: &str,
     local_id: u16,
 ) -> DesiredServices {
@@ -676,8 +676,8 @@ pub fn spawn<F>(
     apiserver: Option<String>,
     mesh: Arc<Mesh>,
     status: Arc<RwLock<ServicesStatus>>,
-    local_cluster: String,
-    local_id: u16,
+    local_cluster: ClusterName,
+    local_id: api::ClusterId,
     sync_timeout: Duration,
     shutdown: impl Fn() -> F,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, datapath::lb::Error>
@@ -700,8 +700,8 @@ where
         local,
         mesh,
         status,
-        local_cluster,
-        local_id,
+        local_cluster.to_string(),
+        local_id.get(),
         sync_timeout,
     );
     tasks.push(tokio::spawn(
@@ -804,17 +804,17 @@ mod tests {
             .collect()
     }
 
-    async fn mesh(remote: &[ClusterService]) -> BTreeMap<String, ClusterEntry> {
+    async fn mesh(remote: &[ClusterService]) -> BTreeMap<ClusterName, ClusterEntry> {
         [
-            ("c1".to_owned(), cluster("c1", 1, true, &[]).await),
-            ("c2".to_owned(), cluster("c2", 2, false, remote).await),
+            ("c1".parse().unwrap(), cluster("c1", 1, true, &[]).await),
+            ("c2".parse().unwrap(), cluster("c2", 2, false, remote).await),
         ]
         .into()
     }
 
     /// What node c1/1 programs for its service `web` (backend 10.1.1.5).
     fn desired_web(
-        clusters: &BTreeMap<String, ClusterEntry>,
+        clusters: &BTreeMap<ClusterName, ClusterEntry>,
         global: bool,
         affinity: Affinity,
     ) -> DesiredServices {
