@@ -15,8 +15,8 @@ use crate::{
     config::{Config, Encryption, EtcdSource, Routing},
     netlink::Netlink,
     pod::{PodDatapath, PodManager},
-    reconcile::LocalNode,
-    reconciler::{Reconciler, TunnelState},
+    reconcile::plan::LocalNode,
+    reconcile::task::{Reconciler, TunnelState},
     registry::Registry,
     status::{self, StatusHub, StatusSource},
 };

@@ -12,7 +12,7 @@
 //! * reads every cluster's nodes, endpoints, identities and services, the
 //!   local one included, one task per cluster ([`clusters`]);
 //! * keeps the ipcache map, WireGuard peers and tunnel routes equal to their
-//!   merged state ([`reconcile`], [`reconciler`]);
+//!   merged state ([`reconcile`]: plan and task);
 //! * programs the load balancer with the local cluster's services merged
 //!   with the global services of the other clusters ([`services`]);
 //! * reports per-cluster status and metrics ([`status`]).
@@ -28,7 +28,7 @@ pub mod ipam;
 pub mod netlink;
 pub mod pod;
 pub mod reconcile;
-pub mod reconciler;
+
 pub mod registry;
 pub mod services;
 pub mod status;

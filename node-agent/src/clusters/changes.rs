@@ -4,7 +4,7 @@
 use std::{net::IpAddr, sync::Mutex};
 
 /// What changed in one connection's stores, for the reconciler's
-/// incremental passes ([`crate::reconciler`]).
+/// incremental passes ([`crate::reconcile::task`]).
 ///
 /// A change only *names* a record (an endpoint by IP, a node by name); the
 /// reconciler reads the record's current value from the store, which is

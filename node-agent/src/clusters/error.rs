@@ -91,9 +91,7 @@ impl ClusterError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            Self::DuplicateId { .. }
-                | Self::LocalIdMismatch { .. }
-                | Self::ModeMismatch { .. }
+            Self::DuplicateId { .. } | Self::LocalIdMismatch { .. } | Self::ModeMismatch { .. }
         )
     }
 }

@@ -8,8 +8,8 @@
 //! says), reads `cilium/cluster-config/<name>`, claims the cluster's name and
 //! ID in the [`Mesh`] (a second cluster with the same ID, or a remote
 //! cluster with the local cluster's ID, is refused with a clear status), and
-//! starts one [`WatchStore`] per kind (nodes, ipcache, identities, services)
-//! validating every record against the connection's [`RemoteScope`]. The
+//! starts one [`WatchStore`](kvstore::WatchStore) per kind (nodes, ipcache, identities, services)
+//! validating every record against the connection's [`RemoteScope`](api::RemoteScope). The
 //! stores list, watch and, when a watch breaks, list again with mark and
 //! sweep on their own; the task then only probes the connection (heartbeat
 //! key, cluster config) so that the status says whether the cluster is

@@ -54,7 +54,7 @@ use tunnel::{
 
 use crate::{
     clusters::{ClusterEntry, ClusterStores, Mesh},
-    reconcile::{active_clusters, desired_state, diff, Index, LocalNode, Op, Touched},
+    reconcile::plan::{active_clusters, desired_state, diff, Index, LocalNode, Op, Touched},
     status::StatusHub,
 };
 
