@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use kvstore::{Leases as _, ListWatch as _, MemoryBackend, Transactions as _};
 
+use kvstore::{Compare, Txn, TxnOp};
+
 use super::*;
 
 const CLUSTER: &str = "c1";
