@@ -74,11 +74,13 @@ mod cluster;
 mod config;
 mod etcd;
 pub mod keys;
+mod lease_pool;
 mod memory;
 #[cfg(test)]
 mod store_tests;
 mod sync_store;
 mod watch_store;
+mod work_queue;
 
 pub use backend::{
     error_chain, Backend, BackendError, Compare, KeyValue, KvWrite, LeaseId, Leases, ListWatch,

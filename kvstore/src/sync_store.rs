@@ -29,7 +29,7 @@
 //!   nobody upserts are deleted only after [`SyncStore::synced`]. A
 //!   restarted apiserver therefore neither flaps nor deletes live keys.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,6 +42,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::{BackendError, LeaseId, SyncBackend};
+use crate::lease_pool::LeasePool;
+use crate::work_queue::WorkQueue;
 
 /// Tuning of a [`SyncStore`].
 #[derive(Debug, Clone)]
@@ -132,16 +134,12 @@ struct State {
     wanted: HashMap<String, Arc<[u8]>>,
     /// What this store believes is in etcd.
     written: HashMap<String, Written>,
-    /// Keys to reconcile, each at most once.
-    queue: VecDeque<String>,
-    queued: HashSet<String>,
-    in_flight: HashSet<String>,
-    /// Keys changed while in flight: requeued when their write finishes.
-    deferred: HashSet<String>,
+    /// Keys to reconcile.
+    queue: WorkQueue<String>,
     /// Adopted keys the caller has not claimed; deleted after `synced`.
     unclaimed: HashSet<String>,
     /// Live leases and the number of keys bound to each.
-    leases: HashMap<LeaseId, usize>,
+    leases: LeasePool,
     /// The caller called `synced`.
     synced: bool,
     /// The canary is wanted (set when everything else was written).
@@ -149,25 +147,9 @@ struct State {
 }
 
 impl State {
-    fn enqueue(&mut self, key: String) -> bool {
-        if self.in_flight.contains(&key) {
-            return self.deferred.insert(key);
-        }
-        if self.queued.insert(key.clone()) {
-            self.queue.push_back(key);
-            true
-        } else {
-            false
-        }
-    }
-
-    fn idle(&self) -> bool {
-        self.queue.is_empty() && self.in_flight.is_empty() && self.deferred.is_empty()
-    }
-
     /// Forgets the written keys bound to `lease` and queues the wanted ones.
     fn lose_lease(&mut self, lease: LeaseId, canary_key: &str) -> usize {
-        if self.leases.remove(&lease).is_none() {
+        if !self.leases.remove(lease) {
             return 0;
         }
         let lost: Vec<String> = self
@@ -186,7 +168,7 @@ impl State {
         }
         for key in &lost {
             if self.wanted.contains_key(key) {
-                self.enqueue(key.clone());
+                self.queue.add(key.clone());
             }
         }
         lost.len()
@@ -352,7 +334,7 @@ impl<R: Resource> SyncStore<R> {
         let canary_done = !state.synced
             || !self.shared.config.write_canary
             || state.written.contains_key(&self.shared.canary_key);
-        *self.shared.ready.borrow() && state.idle() && canary_done
+        *self.shared.ready.borrow() && state.queue.is_idle() && canary_done
     }
 
     /// Number of records desired (the canary not counted).
@@ -378,7 +360,7 @@ impl<R: Resource> SyncStore<R> {
 
     /// Ids of the leases currently held.
     pub fn leases(&self) -> Vec<LeaseId> {
-        self.shared.lock().leases.keys().copied().collect()
+        self.shared.lock().leases.leases()
     }
 
     /// Stops writing and renewing, leaving the keys in etcd until their
@@ -398,7 +380,7 @@ impl<R: Resource> SyncStore<R> {
         for task in &self.tasks {
             task.abort();
         }
-        let leases: Vec<LeaseId> = self.shared.lock().leases.keys().copied().collect();
+        let leases = self.shared.lock().leases.leases();
         let mut result = Ok(());
         for lease in leases {
             if let Err(e) = self.shared.backend.revoke(lease).await {
@@ -425,7 +407,7 @@ impl Shared {
     }
 
     fn enqueue(&self, state: &mut State, key: String) {
-        if state.enqueue(key) {
+        if state.queue.add(key) {
             self.work.notify_one();
         } else {
             inc(&self.stats.coalesced);
@@ -436,18 +418,16 @@ impl Shared {
     /// is written after `synced`.
     fn next_key(&self) -> Option<String> {
         let mut state = self.lock();
-        if let Some(key) = state.queue.pop_front() {
-            state.queued.remove(&key);
-            state.in_flight.insert(key.clone());
+        if let Some(key) = state.queue.next() {
             return Some(key);
         }
-        if state.synced && self.config.write_canary && !state.canary_due && state.idle() {
+        if state.synced && self.config.write_canary && !state.canary_due && state.queue.is_idle() {
             state.canary_due = true;
             let stamp = crate::keys::rfc3339_now();
             state
                 .wanted
                 .insert(self.canary_key.clone(), stamp.into_bytes().into());
-            state.in_flight.insert(self.canary_key.clone());
+            state.queue.start(self.canary_key.clone());
             return Some(self.canary_key.clone());
         }
         None
@@ -455,13 +435,10 @@ impl Shared {
 
     fn finish(&self, key: &str) {
         let mut state = self.lock();
-        state.in_flight.remove(key);
-        if state.deferred.remove(key) {
-            state.queued.insert(key.to_owned());
-            state.queue.push_back(key.to_owned());
+        if state.queue.done(key) {
             drop(state);
             self.work.notify_one();
-        } else if state.idle() {
+        } else if state.queue.is_idle() {
             drop(state);
             // Another worker may now schedule the canary.
             self.work.notify_one();
@@ -472,21 +449,12 @@ impl Shared {
     /// A lease with room for one more key, granting one if needed.
     async fn lease_for_new_key(&self) -> Result<LeaseId, BackendError> {
         loop {
-            {
-                let mut state = self.lock();
-                let max = self.config.max_keys_per_lease.max(1);
-                if let Some((&lease, count)) = state.leases.iter_mut().find(|(_, n)| **n < max) {
-                    *count += 1;
-                    return Ok(lease);
-                }
+            let max = self.config.max_keys_per_lease;
+            if let Some(lease) = self.lock().leases.take(max) {
+                return Ok(lease);
             }
             let _grant = self.grant.lock().await;
-            let has_room = {
-                let state = self.lock();
-                let max = self.config.max_keys_per_lease.max(1);
-                state.leases.values().any(|n| *n < max)
-            };
-            if has_room {
+            if self.lock().leases.has_room(max) {
                 continue;
             }
             let lease = self.backend.grant(self.config.lease_ttl).await?;
@@ -520,7 +488,7 @@ impl Shared {
                 let current = state
                     .written
                     .get(key)
-                    .filter(|w| state.leases.contains_key(&w.lease))
+                    .filter(|w| state.leases.contains(w.lease))
                     .cloned();
                 (state.wanted.get(key).cloned(), current)
             };
@@ -569,7 +537,7 @@ impl Shared {
     ) -> Result<(), BackendError> {
         let lease = match (&current, *reserved) {
             (Some(w), _) => w.lease,
-            (None, Some(lease)) if self.lock().leases.contains_key(&lease) => lease,
+            (None, Some(lease)) if self.lock().leases.contains(lease) => lease,
             (None, _) => {
                 let lease = self.lease_for_new_key().await?;
                 *reserved = Some(lease);
@@ -583,9 +551,7 @@ impl Shared {
             .written
             .insert(key.to_owned(), Written { value, lease });
         if let Some(old) = old.filter(|o| o.lease != lease) {
-            if let Some(n) = state.leases.get_mut(&old.lease) {
-                *n = n.saturating_sub(1);
-            }
+            state.leases.release(old.lease);
         }
         drop(state);
         if key == self.canary_key {
@@ -601,9 +567,7 @@ impl Shared {
         self.backend.delete(key).await?;
         let mut state = self.lock();
         if let Some(old) = state.written.remove(key) {
-            if let Some(n) = state.leases.get_mut(&old.lease) {
-                *n = n.saturating_sub(1);
-            }
+            state.leases.release(old.lease);
         }
         drop(state);
         inc(&self.stats.deletes);
@@ -683,11 +647,13 @@ async fn adopt(shared: Arc<Shared>) {
             leases = alive.len(),
             "adopted existing keys"
         );
-        state.leases.extend(alive);
+        for (lease, keys) in alive {
+            state.leases.insert(lease, keys);
+        }
         if state.synced {
             let stale: Vec<String> = state.unclaimed.drain().collect();
             for key in stale {
-                state.enqueue(key);
+                state.queue.add(key);
             }
         }
     }
@@ -702,7 +668,7 @@ async fn keep_alive(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let leases: Vec<LeaseId> = shared.lock().leases.keys().copied().collect();
+        let leases = shared.lock().leases.leases();
         for lease in leases {
             match shared.backend.keep_alive(lease).await {
                 Ok(_) => {}
