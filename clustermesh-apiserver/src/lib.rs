@@ -266,15 +266,16 @@ async fn readiness_and_heartbeat(
     registry.wait_synced().await;
     registry.exporter().wait_idle().await;
     let counters = registry.counters();
-    let mut retry = Duration::from_millis(100);
+    let mut retry =
+        kvstore::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match export::write_identities_canary(backend.as_ref(), &registry.info().name).await {
             Ok(()) => break,
             Err(e) => {
                 counters.etcd_errors.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, "writing the identities sync canary failed, retrying");
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(5));
+                let delay = retry.next_delay();
+                warn!(error = %e, retry_in = ?delay, "writing the identities sync canary failed, retrying");
+                tokio::time::sleep(delay).await;
             }
         }
     }

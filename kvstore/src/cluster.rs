@@ -1,21 +1,17 @@
-//! The cluster config record and the heartbeat.
+//! Reading the cluster config.
 //!
 //! The cluster config (`cilium/cluster-config/<cluster>`) tells readers a
 //! cluster's ID and capabilities; a remote-cluster task reads it first and
-//! builds the [`api::RemoteScope`] its watch stores validate against. The
-//! heartbeat (`cilium/.heartbeat`, an RFC 3339 timestamp rewritten every
-//! minute) lets readers tell a live etcd from a stale one.
+//! builds the [`api::RemoteScope`] its watch stores validate against. Its
+//! writer is the cluster's clustermesh-apiserver.
 
 use std::time::Duration;
 
 use api::{ClusterConfig, ClusterName, ValidationError};
-use backon::BackoffBuilder;
-use tracing::{debug, warn};
 
-use crate::backend::{BackendError, KvWrite, LeaseId, ListWatch, WatchEvent};
 use api::keys::HAS_CLUSTER_CONFIG_KEY;
 
-use crate::keys::{rfc3339_now, HEARTBEAT_KEY};
+use crate::backend::{BackendError, ListWatch, WatchEvent};
 
 /// Errors reading or writing the cluster config.
 #[derive(Debug, thiserror::Error)]
@@ -70,28 +66,6 @@ fn decode_config(
         cluster: cluster.clone(),
         source: Box::new(source),
     })
-}
-
-/// Writes `cluster`'s config, bound to `lease` when given.
-///
-/// # Errors
-///
-/// [`ClusterConfigError::Backend`] when the put fails.
-pub async fn write_cluster_config(
-    backend: &dyn KvWrite,
-    cluster: &ClusterName,
-    config: &ClusterConfig,
-    lease: Option<LeaseId>,
-) -> Result<(), ClusterConfigError> {
-    let key = ClusterConfig::key(cluster);
-    backend
-        .put(&key, &config.encode(), lease)
-        .await
-        .map_err(|source| ClusterConfigError::Backend {
-            cluster: cluster.clone(),
-            source,
-        })?;
-    Ok(())
 }
 
 /// Reads and validates `cluster`'s config.
@@ -198,53 +172,6 @@ pub async fn read_required_cluster_config(
         })
 }
 
-/// The heartbeat period of Cilium (one minute).
-pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(60);
-
-/// Writes `cilium/.heartbeat` now and then every `period` until `shutdown`
-/// completes. A failed write is logged and retried with jittered backoff
-/// (never later than the next period).
-pub async fn run_heartbeat(
-    backend: &dyn KvWrite,
-    period: Duration,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let retry = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(period)
-        .with_jitter()
-        .without_max_times();
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            _ = tick.tick() => {}
-        }
-        let mut backoff = retry.build();
-        loop {
-            match backend
-                .put(HEARTBEAT_KEY, rfc3339_now().as_bytes(), None)
-                .await
-            {
-                Ok(_) => {
-                    debug!("heartbeat written");
-                    break;
-                }
-                Err(error) => {
-                    let delay = backoff.next().unwrap_or(period).min(period);
-                    warn!(error = %crate::backend::error_chain(&error), retry_in = ?delay, "heartbeat write failed");
-                    tokio::select! {
-                        () = &mut shutdown => return,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -253,7 +180,7 @@ mod tests {
     use api::{ClusterId, MaxConnectedClusters};
 
     use super::*;
-    use crate::MemoryBackend;
+    use crate::{KvWrite as _, MemoryBackend};
 
     const WAIT: Duration = Duration::from_secs(180);
 
@@ -290,11 +217,13 @@ mod tests {
             // Another cluster whose name has c2 as a prefix: not ours.
             let mut other = config();
             other.id = ClusterId::new(10, MaxConnectedClusters::Max255).unwrap();
-            write_cluster_config(writer.as_ref(), &c("c20"), &other, None)
+            writer
+                .put(&ClusterConfig::key(&c("c20")), &other.encode(), None)
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_secs(10)).await;
-            write_cluster_config(writer.as_ref(), &c("c2"), &config(), None)
+            writer
+                .put(&ClusterConfig::key(&c("c2")), &config().encode(), None)
                 .await
                 .unwrap();
         });

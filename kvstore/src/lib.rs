@@ -76,6 +76,7 @@ mod etcd;
 pub mod keys;
 mod lease_pool;
 mod memory;
+pub mod retry;
 #[cfg(test)]
 mod store_tests;
 mod sync_store;
@@ -88,8 +89,7 @@ pub use backend::{
     MAX_TXN_OPS,
 };
 pub use cluster::{
-    read_cluster_config, read_required_cluster_config, run_heartbeat, write_cluster_config,
-    ClusterConfigError, CLUSTER_CONFIG_WAIT, HEARTBEAT_PERIOD,
+    read_cluster_config, read_required_cluster_config, ClusterConfigError, CLUSTER_CONFIG_WAIT,
 };
 pub use config::{connect, ConfigError, ConnectError, EtcdConfig, TlsMaterial, TlsPaths};
 pub use etcd::EtcdBackend;

@@ -36,13 +36,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use api::{ClusterName, Resource};
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::{BackendError, LeaseId, SyncBackend};
 use crate::lease_pool::LeasePool;
+use crate::retry::Backoff;
 use crate::work_queue::WorkQueue;
 
 /// Tuning of a [`SyncStore`].
@@ -86,12 +86,8 @@ impl SyncStoreConfig {
             .max(Duration::from_millis(100))
     }
 
-    pub(crate) fn backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::default()
-            .with_min_delay(self.retry_min)
-            .with_max_delay(self.retry_max)
-            .with_jitter()
-            .without_max_times()
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.retry_min, self.retry_max)
     }
 }
 
@@ -478,7 +474,7 @@ impl Shared {
     /// Makes etcd agree with the desired state of `key`, retrying until it
     /// does (or the store is dropped).
     async fn reconcile(&self, key: &str) {
-        let mut backoff = self.config.backoff().build();
+        let mut backoff = self.config.backoff();
         let mut wrote = false;
         // A lease reserved for this key by an earlier failed attempt.
         let mut reserved: Option<LeaseId> = None;
@@ -520,7 +516,7 @@ impl Shared {
                 }
                 Err(error) => {
                     inc(&self.stats.errors);
-                    let delay = backoff.next().unwrap_or(self.config.retry_max);
+                    let delay = backoff.next_delay();
                     warn!(key = %key, error = %crate::backend::error_chain(&error), retry_in = ?delay, "write failed");
                     tokio::time::sleep(delay).await;
                 }
@@ -596,13 +592,13 @@ async fn worker(shared: Arc<Shared>) {
 
 /// Lists the prefix and takes over what a previous writer left (module docs).
 async fn adopt(shared: Arc<Shared>) {
-    let mut backoff = shared.config.backoff().build();
+    let mut backoff = shared.config.backoff();
     let listing = loop {
         match shared.backend.list(&shared.prefix).await {
             Ok(listing) => break listing,
             Err(error) => {
                 inc(&shared.stats.errors);
-                let delay = backoff.next().unwrap_or(shared.config.retry_max);
+                let delay = backoff.next_delay();
                 warn!(error = %crate::backend::error_chain(&error), retry_in = ?delay, "listing existing keys failed");
                 tokio::time::sleep(delay).await;
             }

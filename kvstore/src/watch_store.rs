@@ -26,13 +26,13 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use api::{RemoteScope, Resource};
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::{BackendError, KeyValue, ListWatch, WatchEvent};
+use crate::retry::Backoff;
 
 /// A change reported by a [`WatchStore`].
 #[derive(Debug, Clone, PartialEq)]
@@ -280,12 +280,7 @@ struct Runner<R> {
 
 impl<R: Resource> Runner<R> {
     async fn run(mut self) {
-        let builder = ExponentialBuilder::default()
-            .with_min_delay(self.config.retry_min)
-            .with_max_delay(self.config.retry_max)
-            .with_jitter()
-            .without_max_times();
-        let mut backoff = builder.build();
+        let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
         loop {
             let mut progressed = false;
             match self.session(&mut progressed).await {
@@ -300,9 +295,9 @@ impl<R: Resource> Runner<R> {
                     }
                     drop(shared);
                     if progressed {
-                        backoff = builder.build();
+                        backoff.reset();
                     }
-                    let delay = backoff.next().unwrap_or(self.config.retry_max);
+                    let delay = backoff.next_delay();
                     warn!(error = %crate::backend::error_chain(&error), retry_in = ?delay, "list-and-watch broken, listing again");
                     tokio::time::sleep(delay).await;
                 }

@@ -270,49 +270,6 @@ async fn restarted_writer_adopts_without_flapping() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heartbeat_is_written_periodically() {
-    let Some((_etcd, backend)) = etcd().await else {
-        return;
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let hb_backend = backend.clone();
-    let task = tokio::spawn(async move {
-        let kv: &dyn KvWrite = &hb_backend;
-        kvstore::run_heartbeat(kv, Duration::from_millis(200), async {
-            let _ = stop_rx.await;
-        })
-        .await;
-    });
-    let first = testkit::wait_for(Duration::from_secs(10), "the first heartbeat", || async {
-        backend
-            .get(kvstore::keys::HEARTBEAT_KEY)
-            .await
-            .ok()
-            .flatten()
-    })
-    .await;
-    let text = String::from_utf8(first.value.clone()).unwrap();
-    assert!(
-        kvstore::keys::parse_rfc3339(&text).is_some(),
-        "{text:?} is RFC 3339"
-    );
-    testkit::wait_until(Duration::from_secs(10), "a second heartbeat", || async {
-        backend
-            .get(kvstore::keys::HEARTBEAT_KEY)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|kv| kv.mod_revision > first.mod_revision)
-    })
-    .await;
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("the heartbeat stops on shutdown")
-        .unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_config_round_trip() {
     let Some((_etcd, backend)) = etcd().await else {
         return;
@@ -325,7 +282,8 @@ async fn cluster_config_round_trip() {
         "{err}"
     );
     let config = api::ClusterConfig::new(api::ClusterId::new(CLUSTER_ID, MAX).unwrap(), MAX, false);
-    kvstore::write_cluster_config(&backend, &cluster(), &config, None)
+    backend
+        .put(&api::ClusterConfig::key(&cluster()), &config.encode(), None)
         .await
         .unwrap();
     let read = kvstore::read_cluster_config(&backend, &cluster())

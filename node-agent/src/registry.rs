@@ -15,7 +15,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use kvstore::retry::Backoff;
 use mesh_proto::v1::{
     registry_client::RegistryClient, DeleteEndpointRequest, Endpoint, Node, OpenSessionRequest,
     RegisterNodeRequest, UpsertEndpointRequest,
@@ -247,18 +247,17 @@ struct SessionTask {
 
 impl SessionTask {
     async fn run(self) {
-        let mut backoff = new_backoff();
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             match self.session_once().await {
                 Ok(()) => {
                     info!("session stream ended; reconnecting");
-                    backoff = new_backoff();
+                    backoff.reset();
                 }
                 Err(e) => warn!(error = %e, "apiserver session failed"),
             }
             self.session.send_replace(None);
-            let delay = backoff.next().unwrap_or(Duration::from_secs(10));
-            tokio::time::sleep(delay).await;
+            backoff.wait().await;
         }
     }
 
@@ -346,13 +345,4 @@ impl SessionTask {
             }
         }
     }
-}
-
-fn new_backoff() -> backon::ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }

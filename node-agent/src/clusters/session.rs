@@ -8,7 +8,7 @@ use api::{
     ClusterConfig, ClusterEndpointSlice, ClusterId, ClusterName, ClusterService, IdentityRecord,
     IpcacheEntry, MaxConnectedClusters, Node, RemoteScope, Resource,
 };
-use backon::{BackoffBuilder, ExponentialBuilder};
+use kvstore::retry::Backoff;
 use kvstore::{Event, ListWatch, WatchStore, WatchStoreConfig};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{info, warn, Instrument};
@@ -88,23 +88,17 @@ impl Context {
     }
 
     async fn run_cluster(self, cluster: ClusterName, source: EtcdSource, local: bool) {
-        let builder = ExponentialBuilder::default()
-            .with_min_delay(self.backoff.0)
-            .with_max_delay(self.backoff.1)
-            .with_jitter()
-            .without_max_times();
-        let mut backoff = builder.build();
+        let mut backoff = Backoff::new(self.backoff.0, self.backoff.1);
         loop {
             let mut connected = false;
             let error = self.session(&cluster, &source, local, &mut connected).await;
             if connected {
-                backoff = builder.build();
+                backoff.reset();
             }
             self.mesh
                 .update(&cluster, |e| e.refused = error.is_refusal());
             self.failure(cluster.as_str(), &error);
-            let delay = backoff.next().unwrap_or(self.backoff.1);
-            tokio::time::sleep(delay).await;
+            backoff.wait().await;
         }
     }
 
@@ -401,7 +395,8 @@ mod tests {
         let id = api::ClusterId::new(2, max).unwrap();
         let mut config = api::ClusterConfig::new(id, max, false);
         config.capabilities.synced_canaries = false;
-        kvstore::write_cluster_config(backend.as_ref(), &name, &config, None)
+        backend
+            .put(&ClusterConfig::key(&name), &config.encode(), None)
             .await
             .unwrap();
         let ctx = memory_context(&backend);
@@ -515,7 +510,12 @@ mod tests {
         let max = api::MaxConnectedClusters::Max255;
         let mut config = api::ClusterConfig::new(api::ClusterId::new(2, max).unwrap(), max, false);
         config.capabilities.synced_canaries = false;
-        kvstore::write_cluster_config(backend.as_ref(), &"c2".parse().unwrap(), &config, None)
+        backend
+            .put(
+                &ClusterConfig::key(&"c2".parse().unwrap()),
+                &config.encode(),
+                None,
+            )
             .await
             .unwrap();
         testkit::eventually!(deadline, "c2 connected and synced", {
@@ -539,7 +539,8 @@ mod tests {
         config.capabilities.cached = true;
         config.capabilities.endpoint_slices_export_mode =
             api::EndpointSlicesExportMode::EndpointSlicesOnly;
-        kvstore::write_cluster_config(backend.as_ref(), &name, &config, None)
+        backend
+            .put(&ClusterConfig::key(&name), &config.encode(), None)
             .await
             .unwrap();
         for kind in ["nodes", "ip", "identities", "endpointslices"] {

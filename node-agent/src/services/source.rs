@@ -9,9 +9,9 @@ use std::{
 };
 
 use api::agent::Affinity;
-use backon::{BackoffBuilder, ExponentialBuilder};
 use datapath::Protocol;
 use futures::StreamExt as _;
+use kvstore::retry::Backoff;
 use mesh_proto::v1 as pb;
 use tracing::{info, warn};
 
@@ -186,12 +186,7 @@ pub async fn watch_local_services(
     mesh: Arc<Mesh>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let builder = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times();
-    let mut backoff = builder.build();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     tokio::pin!(shutdown);
     loop {
         let mut received = false;
@@ -200,9 +195,9 @@ pub async fn watch_local_services(
             e = follow(&url, &local, &mesh, &mut received) => e,
         };
         if received {
-            backoff = builder.build();
+            backoff.reset();
         }
-        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        let delay = backoff.next_delay();
         warn!(error = %kvstore::error_chain(&error), ?delay, "local services stream broke; keeping the last snapshot");
         tokio::select! {
             () = &mut shutdown => return,
