@@ -1,106 +1,92 @@
-//! `/healthz`, `/readyz` and `/metrics` over plain HTTP/1.1.
+//! `/healthz`, `/readyz` and `/metrics`, served by [`telemetry`].
 //!
 //! * `/healthz`: 200 while the process serves.
 //! * `/readyz`: 200 once etcd is connected and the initial export (with its
 //!   sync canaries) is written, 503 before.
-//! * `/metrics`: Prometheus text format: exported records per kind, etcd
-//!   errors, sessions, readiness.
+//! * `/metrics` (Prometheus text format, computed at scrape time):
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `mesh_apiserver_exported_records` | gauge | `kind` (nodes, ipcache, identities, services) |
+//! | `mesh_apiserver_etcd_errors_total` | counter | |
+//! | `mesh_apiserver_ready` | gauge | |
+//! | `mesh_apiserver_etcd_connected` | gauge | |
 
-use std::{convert::Infallible, fmt::Write as _, sync::atomic::Ordering};
+use std::sync::atomic::Ordering;
 
-use http_body_util::Full;
-use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry as Metrics;
+use telemetry::Reply;
 use tokio::net::TcpListener;
-use tracing::debug;
 
 use crate::registry::Registry;
 
-/// Renders the metrics of `registry` in the Prometheus text format.
-pub async fn render_metrics(registry: &Registry) -> String {
-    let mut out = String::new();
-    out.push_str("# HELP mesh_apiserver_exported Records exported to etcd, per kind.\n");
-    out.push_str("# TYPE mesh_apiserver_exported gauge\n");
+/// The metrics of `registry`, one scrape's worth.
+pub async fn metrics(registry: &Registry) -> Metrics {
+    let mut metrics = Metrics::with_prefix("mesh_apiserver");
+    let exported = Family::<Vec<(&'static str, String)>, Gauge>::default();
     for (kind, n) in registry.exported_counts().await {
-        let _ = writeln!(out, "mesh_apiserver_exported{{kind=\"{kind}\"}} {n}");
+        exported
+            .get_or_create(&vec![("kind", kind.to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
-    out.push_str(
-        "# HELP mesh_apiserver_etcd_errors_total Failed etcd requests (writes are retried).\n",
+    metrics.register(
+        "exported_records",
+        "Records exported to etcd, per kind.",
+        exported,
     );
-    out.push_str("# TYPE mesh_apiserver_etcd_errors_total counter\n");
-    let _ = writeln!(
-        out,
-        "mesh_apiserver_etcd_errors_total {}",
-        registry.etcd_errors()
+    let errors = Counter::<u64>::default();
+    errors.inc_by(registry.etcd_errors());
+    metrics.register(
+        "etcd_errors",
+        "Failed etcd requests (writes are retried).",
+        errors,
     );
-    out.push_str("# HELP mesh_apiserver_ready Initial export synced and etcd connected.\n");
-    out.push_str("# TYPE mesh_apiserver_ready gauge\n");
-    let _ = writeln!(
-        out,
-        "mesh_apiserver_ready {}",
-        u8::from(registry.counters().ready.load(Ordering::Relaxed))
+    let flag = |on: bool| {
+        let g: Gauge = Gauge::default();
+        g.set(i64::from(on));
+        g
+    };
+    let counters = registry.counters();
+    metrics.register(
+        "ready",
+        "Initial export synced and etcd connected.",
+        flag(counters.ready.load(Ordering::Relaxed)),
     );
-    out.push_str("# HELP mesh_apiserver_etcd_connected Last etcd write succeeded.\n");
-    out.push_str("# TYPE mesh_apiserver_etcd_connected gauge\n");
-    let _ = writeln!(
-        out,
-        "mesh_apiserver_etcd_connected {}",
-        u8::from(registry.counters().etcd_connected.load(Ordering::Relaxed))
+    metrics.register(
+        "etcd_connected",
+        "Last etcd write succeeded.",
+        flag(counters.etcd_connected.load(Ordering::Relaxed)),
     );
-    out
+    metrics
 }
 
-async fn handle(
-    registry: Registry,
-    req: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (status, body) = match req.uri().path() {
-        "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
+async fn handle(registry: Registry, path: String) -> Reply {
+    match path.as_str() {
+        "/healthz" => Reply::text(200, "ok\n"),
         "/readyz" => {
-            let ready = registry.counters().ready.load(Ordering::Relaxed)
-                && registry.counters().etcd_connected.load(Ordering::Relaxed);
-            if ready {
-                (StatusCode::OK, "ready\n".to_owned())
+            let counters = registry.counters();
+            if counters.ready.load(Ordering::Relaxed)
+                && counters.etcd_connected.load(Ordering::Relaxed)
+            {
+                Reply::text(200, "ready\n")
             } else {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "initial export not synced\n".to_owned(),
-                )
+                Reply::text(503, "initial export not synced\n")
             }
         }
-        "/metrics" => (StatusCode::OK, render_metrics(&registry).await),
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if req.uri().path() == "/metrics" {
-        response.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-        );
+        "/metrics" => Reply::metrics(&metrics(&registry).await),
+        _ => Reply::not_found(),
     }
-    Ok(response)
 }
 
 /// Serves until the task is aborted.
 pub async fn serve(listener: TcpListener, registry: Registry) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                debug!(error = %e, "health accept failed");
-                continue;
-            }
-        };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(registry.clone(), req));
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %e, "health connection failed");
-            }
-        });
-    }
+    telemetry::serve(
+        listener,
+        move |path| handle(registry.clone(), path),
+        std::future::pending(),
+    )
+    .await;
 }

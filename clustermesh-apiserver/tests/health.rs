@@ -46,10 +46,10 @@ async fn readyz_and_metrics() {
     .await;
     let metrics = get(health, "/metrics").await.unwrap();
     for line in [
-        "mesh_apiserver_exported{kind=\"nodes\"} 0",
-        "mesh_apiserver_exported{kind=\"ipcache\"} 0",
-        "mesh_apiserver_exported{kind=\"identities\"} 0",
-        "mesh_apiserver_exported{kind=\"services\"} 0",
+        "mesh_apiserver_exported_records{kind=\"nodes\"} 0",
+        "mesh_apiserver_exported_records{kind=\"ipcache\"} 0",
+        "mesh_apiserver_exported_records{kind=\"identities\"} 0",
+        "mesh_apiserver_exported_records{kind=\"services\"} 0",
         "mesh_apiserver_etcd_errors_total 0",
         "mesh_apiserver_ready 1",
     ] {

@@ -254,9 +254,8 @@ pub async fn run(
         let live = live.clone();
         let stop = stopped();
         tasks.spawn(async move {
-            status::serve_metrics(listener, live, stop)
-                .await
-                .context("metrics")
+            crate::metrics::serve(listener, live, stop).await;
+            Ok(())
         });
     }
     info!(
