@@ -22,10 +22,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd as _, OwnedFd};
 
-/// `_IOW('T', 202, int)` from `<linux/if_tun.h>`.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-/// `_IOW('T', 203, int)` from `<linux/if_tun.h>`.
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+use libc::{TUNSETIFF, TUNSETPERSIST};
 /// `IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE`: an L3 device without packet info
 /// header, multi-queue like boringtun's own devices so either can attach.
 const TUN_FLAGS: libc::c_short =
