@@ -6,6 +6,11 @@
 //! header's comment). `tests/layout.rs` compiles the header with the host C
 //! compiler and checks every size and field offset below against it.
 
+#![expect(
+    unsafe_code,
+    reason = "aya::Pod is an unsafe trait: each map key and value below is a repr(C) struct of integers with explicit padding"
+)]
+
 /// Address family tag in keys and events (not `AF_*`: stable across systems).
 pub const FAMILY_IPV4: u8 = 4;
 /// See [`FAMILY_IPV4`].

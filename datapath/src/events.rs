@@ -6,6 +6,11 @@
 //! buffer has one consumer position shared by all readers, so a node has one
 //! reader (the agent), which fans events out (e.g. to `meshctl observe`).
 
+#![expect(
+    unsafe_code,
+    reason = "decoding ring-buffer records (read_unaligned) and polling the ring's descriptor"
+)]
+
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},

@@ -118,6 +118,7 @@ struct Tun {
 
 impl Tun {
     /// Creates `name` in the network namespace at `netns`; non-blocking.
+    #[expect(unsafe_code, reason = "TUNSETIFF is an ioctl with no safe wrapper")]
     fn create(netns: &Path, name: &str) -> Self {
         let name = name.to_owned();
         let file = netns::run_in(netns, move || -> std::io::Result<File> {

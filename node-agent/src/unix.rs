@@ -11,7 +11,7 @@ use tokio::net::UnixListener;
 /// # Errors
 ///
 /// When the directory, the stale file or the bind fails.
-pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+pub(crate) fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }

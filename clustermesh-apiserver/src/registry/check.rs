@@ -89,7 +89,7 @@ fn owned_node(field: &str, owner: &Owner, node: &str) -> Result {
 /// # Errors
 ///
 /// The first invalid field.
-pub fn node(owner: &Owner, node: &NodeSpec) -> Result {
+pub(super) fn node(owner: &Owner, node: &NodeSpec) -> Result {
     check(|| "node.name".into(), validate_dns_subdomain(&node.name))?;
     owned_node("node.name", owner, &node.name)?;
     if node.internal_ips.is_empty() {
@@ -125,7 +125,7 @@ pub fn node(owner: &Owner, node: &NodeSpec) -> Result {
 /// # Errors
 ///
 /// The first invalid field.
-pub fn endpoint(owner: &Owner, ep: &EndpointSpec) -> Result {
+pub(super) fn endpoint(owner: &Owner, ep: &EndpointSpec) -> Result {
     check(
         || "endpoint.namespace".into(),
         validate_dns_label(&ep.namespace),
@@ -161,7 +161,7 @@ pub fn endpoint(owner: &Owner, ep: &EndpointSpec) -> Result {
 /// # Errors
 ///
 /// The first invalid field.
-pub fn service(svc: &ServiceSpec) -> Result {
+pub(super) fn service(svc: &ServiceSpec) -> Result {
     check(
         || "service.namespace".into(),
         validate_dns_label(&svc.namespace),

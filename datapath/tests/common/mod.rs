@@ -12,12 +12,12 @@ use std::{
 
 use datapath::{netns, Datapath, Endpoint};
 
-pub mod packet;
-pub mod traffic;
+pub(crate) mod packet;
+pub(crate) mod traffic;
 
 /// True when the test may run; false (after saying why) when it must skip.
 /// With `MESH_TEST_STRICT=1` a missing requirement fails the test instead.
-pub fn require_root() -> bool {
+pub(crate) fn require_root() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
@@ -30,12 +30,12 @@ pub fn require_root() -> bool {
 }
 
 /// A bpffs mounted on a fresh temporary directory, unmounted on drop.
-pub struct Bpffs {
+pub(crate) struct Bpffs {
     dir: tempfile::TempDir,
 }
 
 impl Bpffs {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             dir: tempfile::Builder::new()
                 .prefix("mdp-bpffs-")
@@ -44,7 +44,7 @@ impl Bpffs {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 }
@@ -57,12 +57,12 @@ impl Drop for Bpffs {
 }
 
 /// Runs a command with a deadline; panics with its output on failure.
-pub fn run(args: &[&str]) -> String {
+pub(crate) fn run(args: &[&str]) -> String {
     try_run(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs a command with a deadline.
-pub fn try_run(args: &[&str]) -> Result<String, String> {
+pub(crate) fn try_run(args: &[&str]) -> Result<String, String> {
     let out = Command::new("timeout")
         .arg("20")
         .args(args)
@@ -81,26 +81,26 @@ pub fn try_run(args: &[&str]) -> Result<String, String> {
 }
 
 /// Runs a command inside a named network namespace.
-pub fn ns(name: &str, args: &[&str]) -> String {
+pub(crate) fn ns(name: &str, args: &[&str]) -> String {
     let mut full = vec!["ip", "netns", "exec", name];
     full.extend_from_slice(args);
     run(&full)
 }
 
 /// A named network namespace, deleted on drop.
-pub struct Netns {
+pub(crate) struct Netns {
     pub name: String,
 }
 
 impl Netns {
-    pub fn new(name: String) -> Self {
+    pub(crate) fn new(name: String) -> Self {
         let _ = try_run(&["ip", "netns", "del", &name]);
         run(&["ip", "netns", "add", &name]);
         ns(&name, &["ip", "link", "set", "lo", "up"]);
         Self { name }
     }
 
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         netns::named(&self.name)
     }
 }
@@ -113,7 +113,7 @@ impl Drop for Netns {
 
 /// Namespace prefix of one test run: `mdp-<suite>-<pid>-`. Leftovers of
 /// earlier runs of the suite whose process is gone are deleted first.
-pub fn prefix(suite: &str) -> String {
+pub(crate) fn prefix(suite: &str) -> String {
     let base = format!("mdp-{suite}-");
     if let Ok(list) = std::fs::read_dir("/run/netns") {
         for entry in list.flatten() {
@@ -132,7 +132,7 @@ pub fn prefix(suite: &str) -> String {
 }
 
 /// Reads a MAC address from `ip -j link show`.
-pub fn mac_of(netns: &str, ifname: &str) -> [u8; 6] {
+pub(crate) fn mac_of(netns: &str, ifname: &str) -> [u8; 6] {
     let out = ns(netns, &["cat", &format!("/sys/class/net/{ifname}/address")]);
     let mut mac = [0u8; 6];
     for (i, part) in out.trim().split(':').enumerate() {
@@ -141,7 +141,7 @@ pub fn mac_of(netns: &str, ifname: &str) -> [u8; 6] {
     mac
 }
 
-pub fn ifindex_of(netns: &str, ifname: &str) -> u32 {
+pub(crate) fn ifindex_of(netns: &str, ifname: &str) -> u32 {
     ns(netns, &["cat", &format!("/sys/class/net/{ifname}/ifindex")])
         .trim()
         .parse()
@@ -150,7 +150,7 @@ pub fn ifindex_of(netns: &str, ifname: &str) -> u32 {
 
 /// A pod of the topology.
 #[derive(Debug, Clone)]
-pub struct Pod {
+pub(crate) struct Pod {
     pub ns: String,
     pub v4: IpAddr,
     pub v6: IpAddr,
@@ -159,7 +159,7 @@ pub struct Pod {
 }
 
 /// A node of the topology: its namespace and bpffs.
-pub struct Node {
+pub(crate) struct Node {
     pub ns: Netns,
     pub bpffs: Bpffs,
     pub underlay: IpAddr,
@@ -169,7 +169,7 @@ pub struct Node {
 /// Two node namespaces joined by a veth underlay (192.168.77.1/.2), each with
 /// a VXLAN device `mvx0` in external mode and two pods (MTU 1450). Fields
 /// drop in reverse order of creation: pods, nodes (namespaces), then bpffs.
-pub struct Topology {
+pub(crate) struct Topology {
     pub pod_ns: Vec<Netns>,
     pub nodes: Vec<Node>,
 }
@@ -177,7 +177,7 @@ pub struct Topology {
 impl Topology {
     /// The topology with the datapath loaded and attached by this process
     /// and its maps filled.
-    pub fn build(prefix: &str) -> Self {
+    pub(crate) fn build(prefix: &str) -> Self {
         let topo = Self::network(prefix);
         topo.attach_all();
         topo.fill_maps();
@@ -185,7 +185,7 @@ impl Topology {
     }
 
     /// Namespaces, devices and pods only: no datapath loaded yet.
-    pub fn network(prefix: &str) -> Self {
+    pub(crate) fn network(prefix: &str) -> Self {
         let mut nodes = Vec::new();
         let mut pod_ns = Vec::new();
         for n in 1..=2u8 {
@@ -237,7 +237,7 @@ impl Topology {
     }
 
     /// What a loader needs for each node: see [`load_and_attach`].
-    pub fn loader_specs(&self) -> Vec<LoaderSpec> {
+    pub(crate) fn loader_specs(&self) -> Vec<LoaderSpec> {
         self.nodes
             .iter()
             .map(|node| LoaderSpec {
@@ -250,7 +250,7 @@ impl Topology {
 
     /// Loads (or adopts) and attaches every node's datapath from this
     /// process, dropping the handles afterwards (the pins keep it all).
-    pub fn attach_all(&self) -> Vec<datapath::AttachOutcome> {
+    pub(crate) fn attach_all(&self) -> Vec<datapath::AttachOutcome> {
         self.loader_specs()
             .iter()
             .flat_map(|spec| load_and_attach(spec).1)
@@ -259,7 +259,7 @@ impl Topology {
 
     /// Registers every pod in its node's endpoints and every pod of every
     /// node in each ipcache, through the pins (whoever loaded the datapath).
-    pub fn fill_maps(&self) {
+    pub(crate) fn fill_maps(&self) {
         for node in &self.nodes {
             let mut eps = datapath::Endpoints::open(node.bpffs.path()).unwrap();
             let mut ipc = datapath::Ipcache::open(node.bpffs.path()).unwrap();
@@ -293,14 +293,14 @@ impl Topology {
         }
     }
 
-    pub fn all_pods(&self) -> Vec<Pod> {
+    pub(crate) fn all_pods(&self) -> Vec<Pod> {
         self.nodes.iter().flat_map(|n| n.pods.clone()).collect()
     }
 }
 
 /// One node as a loader sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoaderSpec {
+pub(crate) struct LoaderSpec {
     /// The node's bpffs directory (pins).
     pub bpffs: PathBuf,
     /// The node's network namespace.
@@ -312,7 +312,7 @@ pub struct LoaderSpec {
 /// Loads the datapath under `spec.bpffs` (adopting what is pinned there) and
 /// attaches it inside the node's namespace: `from_overlay` on `mvx0`, then
 /// `from_pod` on every pod veth. Returns the handle and each attach's outcome.
-pub fn load_and_attach(spec: &LoaderSpec) -> (Datapath, Vec<datapath::AttachOutcome>) {
+pub(crate) fn load_and_attach(spec: &LoaderSpec) -> (Datapath, Vec<datapath::AttachOutcome>) {
     let dir = spec.bpffs.clone();
     let pods = spec.pod_ifs.clone();
     netns::run_in(&spec.netns, move || {
@@ -329,7 +329,7 @@ pub fn load_and_attach(spec: &LoaderSpec) -> (Datapath, Vec<datapath::AttachOutc
 /// A veth pair `host_if` (node) / `eth0` (pod), MTU 1450, with the pod's
 /// addresses, gateway routes and static gateway neighbours as the crate
 /// docs prescribe.
-pub fn setup_pod(node: &str, pod: &str, host_if: &str, v4: &str, v6: &str) {
+pub(crate) fn setup_pod(node: &str, pod: &str, host_if: &str, v4: &str, v6: &str) {
     run(&[
         "ip", "-n", node, "link", "add", host_if, "mtu", "1450", "type", "veth", "peer", "name",
         "eth0", "netns", pod,
@@ -362,7 +362,7 @@ pub fn setup_pod(node: &str, pod: &str, host_if: &str, v4: &str, v6: &str) {
 }
 
 /// Polls `f` until it returns `Some` or the deadline passes.
-pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if let Some(v) = f() {

@@ -4,12 +4,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 /// IP protocol numbers.
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
+pub(crate) const TCP: u8 = 6;
+pub(crate) const UDP: u8 = 17;
 
 /// The Internet checksum (RFC 1071) of `bytes`: 0 over data that includes a
 /// correct checksum.
-pub fn checksum(bytes: &[u8]) -> u16 {
+pub(crate) fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
@@ -22,7 +22,7 @@ pub fn checksum(bytes: &[u8]) -> u16 {
 
 /// The pseudo header of `ip` (a whole IPv4 or IPv6 packet) for its L4
 /// part, and the IP header's length.
-pub fn pseudo_header(ip: &[u8]) -> (Vec<u8>, usize) {
+pub(crate) fn pseudo_header(ip: &[u8]) -> (Vec<u8>, usize) {
     let mut ph = Vec::new();
     if ip[0] >> 4 == 4 {
         let hl = usize::from(ip[0] & 0xf) * 4;
@@ -40,7 +40,7 @@ pub fn pseudo_header(ip: &[u8]) -> (Vec<u8>, usize) {
 
 /// Whether the TCP/UDP checksum of an IP packet verifies (a real one's
 /// complement sum over pseudo header, header and payload).
-pub fn l4_checksum_ok(ip: &[u8]) -> bool {
+pub(crate) fn l4_checksum_ok(ip: &[u8]) -> bool {
     let (mut all, hl) = pseudo_header(ip);
     all.extend_from_slice(&ip[hl..]);
     checksum(&all) == 0
@@ -48,7 +48,13 @@ pub fn l4_checksum_ok(ip: &[u8]) -> bool {
 
 /// An IPv4 or IPv6 packet carrying TCP (an ACK with a 20-byte header) or
 /// UDP with `payload`, TTL / hop limit `ttl`, and valid IP and L4 checksums.
-pub fn l4_packet(proto: u8, src: SocketAddr, dst: SocketAddr, ttl: u8, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn l4_packet(
+    proto: u8,
+    src: SocketAddr,
+    dst: SocketAddr,
+    ttl: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut l4 = Vec::new();
     l4.extend_from_slice(&src.port().to_be_bytes());
     l4.extend_from_slice(&dst.port().to_be_bytes());
@@ -102,7 +108,7 @@ pub fn l4_packet(proto: u8, src: SocketAddr, dst: SocketAddr, ttl: u8, payload: 
 
 /// What [`parse`] reads from an IP packet's headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Headers {
+pub(crate) struct Headers {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub proto: u8,
@@ -115,7 +121,7 @@ pub struct Headers {
 /// Addresses, ports (of TCP/UDP; others read as if they had ports), TTL
 /// and L4 offset of an IPv4 (options honoured) or IPv6 (no extension
 /// headers) packet; `None` when it is shorter than its headers.
-pub fn parse(ip: &[u8]) -> Option<Headers> {
+pub(crate) fn parse(ip: &[u8]) -> Option<Headers> {
     let (src, dst, proto, ttl, hl): (IpAddr, IpAddr, u8, u8, usize) = match ip.first()? >> 4 {
         4 if ip.len() >= 20 => {
             let s: [u8; 4] = ip[12..16].try_into().ok()?;

@@ -18,10 +18,10 @@ use nix::sys::socket::{
 use super::Pod;
 
 /// Deadline of every wait in an exchange.
-pub const TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// ICMP echo from `from` to `to` with a ping socket; true when the reply came.
-pub fn ping(from: &Pod, to: IpAddr) -> Result<(), String> {
+pub(crate) fn ping(from: &Pod, to: IpAddr) -> Result<(), String> {
     netns::run_in(&netns::named(&from.ns), move || -> Result<(), String> {
         let (family, proto, req_type, reply_type) = match to {
             IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp, 8u8, 0u8),
@@ -68,7 +68,7 @@ pub fn ping(from: &Pod, to: IpAddr) -> Result<(), String> {
 }
 
 /// Runs `server` in `to`'s namespace and `client` in `from`'s, concurrently.
-pub fn exchange<S, C>(from: &Pod, to: &Pod, server: S, client: C) -> Result<(), String>
+pub(crate) fn exchange<S, C>(from: &Pod, to: &Pod, server: S, client: C) -> Result<(), String>
 where
     S: FnOnce(mpsc::Sender<()>) -> Result<(), String> + Send + 'static,
     C: FnOnce() -> Result<(), String> + Send,
@@ -88,7 +88,7 @@ where
     client_result.and(server_result)
 }
 
-pub fn tcp_echo(from: &Pod, to: &Pod, dst: IpAddr) -> Result<(), String> {
+pub(crate) fn tcp_echo(from: &Pod, to: &Pod, dst: IpAddr) -> Result<(), String> {
     let payload: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
     let expect = payload.clone();
     exchange(
@@ -137,7 +137,7 @@ pub fn tcp_echo(from: &Pod, to: &Pod, dst: IpAddr) -> Result<(), String> {
     )
 }
 
-pub fn udp_echo(from: &Pod, to: &Pod, dst: IpAddr) -> Result<(), String> {
+pub(crate) fn udp_echo(from: &Pod, to: &Pod, dst: IpAddr) -> Result<(), String> {
     exchange(
         from,
         to,
@@ -181,7 +181,7 @@ pub fn udp_echo(from: &Pod, to: &Pod, dst: IpAddr) -> Result<(), String> {
 
 /// ICMP, TCP and UDP from `a` to `b` and back, to both of the other pod's
 /// addresses; one line per failed exchange.
-pub fn both_ways(a: &Pod, b: &Pod, what: &str) -> Vec<String> {
+pub(crate) fn both_ways(a: &Pod, b: &Pod, what: &str) -> Vec<String> {
     let mut failures = Vec::new();
     for (from, to) in [(a, b), (b, a)] {
         for dst in [to.v4, to.v6] {

@@ -18,19 +18,19 @@ use kvstore::{
 };
 use testkit::{EtcdOptions, EtcdServer};
 
-pub const MAX: MaxConnectedClusters = MaxConnectedClusters::Max255;
-pub const CLUSTER_ID: u16 = 3;
+pub(crate) const MAX: MaxConnectedClusters = MaxConnectedClusters::Max255;
+pub(crate) const CLUSTER_ID: u16 = 3;
 
-pub fn cluster() -> ClusterName {
+pub(crate) fn cluster() -> ClusterName {
     ClusterName::new("c1").unwrap()
 }
 
-pub fn scope() -> RemoteScope {
+pub(crate) fn scope() -> RemoteScope {
     RemoteScope::new(cluster(), ClusterId::new(CLUSTER_ID, MAX).unwrap(), MAX)
 }
 
 /// Record `i` with local identity `local` (256..).
-pub fn entry(i: u32, local: u16) -> IpcacheEntry {
+pub(crate) fn entry(i: u32, local: u16) -> IpcacheEntry {
     let ip = IpAddr::V4(Ipv4Addr::from(0x0a01_0000 + i));
     let id =
         NumericIdentity::from_parts(ClusterId::new(CLUSTER_ID, MAX).unwrap(), local, MAX).unwrap();
@@ -41,14 +41,14 @@ pub fn entry(i: u32, local: u16) -> IpcacheEntry {
 }
 
 /// Logs to the test's output when `RUST_LOG` is set.
-pub fn init_tracing() {
+pub(crate) fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
 }
 
-pub async fn backend(endpoint: &str) -> EtcdBackend {
+pub(crate) async fn backend(endpoint: &str) -> EtcdBackend {
     init_tracing();
     let mut config = EtcdConfig::from_endpoints([endpoint], &TlsPaths::default()).unwrap();
     config.request_timeout = Duration::from_secs(3);
@@ -59,17 +59,17 @@ pub async fn backend(endpoint: &str) -> EtcdBackend {
 
 /// A plain-text etcd and a client of it, or `None` (after the skip message)
 /// when the `etcd` binary is missing.
-pub async fn etcd() -> Option<(EtcdServer, EtcdBackend)> {
+pub(crate) async fn etcd() -> Option<(EtcdServer, EtcdBackend)> {
     let server = EtcdServer::start_or_skip(EtcdOptions::default()).await?;
     let backend = backend(&server.endpoint()).await;
     Some((server, backend))
 }
 
-pub fn writer(backend: &EtcdBackend, config: SyncStoreConfig) -> SyncStore<IpcacheEntry> {
+pub(crate) fn writer(backend: &EtcdBackend, config: SyncStoreConfig) -> SyncStore<IpcacheEntry> {
     SyncStore::start(Arc::new(backend.clone()), &cluster(), config)
 }
 
-pub fn reader<R: Resource>(backend: &EtcdBackend) -> (WatchStore<R>, Events<R>) {
+pub(crate) fn reader<R: Resource>(backend: &EtcdBackend) -> (WatchStore<R>, Events<R>) {
     let config = WatchStoreConfig {
         wait_for_canary: true,
         retry_max: Duration::from_millis(500),
@@ -80,14 +80,14 @@ pub fn reader<R: Resource>(backend: &EtcdBackend) -> (WatchStore<R>, Events<R>) 
 
 /// Every event a reader emitted, recorded by a background task.
 #[derive(Debug, Default)]
-pub struct Recorded {
+pub(crate) struct Recorded {
     pub upserts: usize,
     pub deleted: HashSet<String>,
     pub delete_events: usize,
     pub synced: usize,
 }
 
-pub fn record<R: Resource>(mut events: Events<R>) -> Arc<Mutex<Recorded>> {
+pub(crate) fn record<R: Resource>(mut events: Events<R>) -> Arc<Mutex<Recorded>> {
     let recorded = Arc::new(Mutex::new(Recorded::default()));
     let r = recorded.clone();
     tokio::spawn(async move {
@@ -107,19 +107,21 @@ pub fn record<R: Resource>(mut events: Events<R>) -> Arc<Mutex<Recorded>> {
 }
 
 /// A reader of ipcache records and the recorder of its events.
-pub fn recorded_reader(backend: &EtcdBackend) -> (WatchStore<IpcacheEntry>, Arc<Mutex<Recorded>>) {
+pub(crate) fn recorded_reader(
+    backend: &EtcdBackend,
+) -> (WatchStore<IpcacheEntry>, Arc<Mutex<Recorded>>) {
     let (r, events) = reader::<IpcacheEntry>(backend);
     (r, record(events))
 }
 
 /// Records `0..n`, all with local identity 300, by index.
-pub fn records(n: u32) -> HashMap<u32, IpcacheEntry> {
+pub(crate) fn records(n: u32) -> HashMap<u32, IpcacheEntry> {
     (0..n).map(|i| (i, entry(i, 300))).collect()
 }
 
 /// The initial export of `truth` through `w`: every record, then the synced
 /// mark, then waits (at most `deadline`) until the writer has written it all.
-pub async fn export(
+pub(crate) async fn export(
     w: &SyncStore<IpcacheEntry>,
     truth: &HashMap<u32, IpcacheEntry>,
     deadline: Duration,
@@ -131,12 +133,12 @@ pub async fn export(
     idle(w, deadline).await;
 }
 
-pub fn expected(entries: &HashMap<u32, IpcacheEntry>) -> BTreeMap<String, IpcacheEntry> {
+pub(crate) fn expected(entries: &HashMap<u32, IpcacheEntry>) -> BTreeMap<String, IpcacheEntry> {
     entries.values().map(|e| (e.key(), e.clone())).collect()
 }
 
 /// Waits until the reader holds exactly `want` (keys and values).
-pub async fn converged(
+pub(crate) async fn converged(
     r: &WatchStore<IpcacheEntry>,
     want: &BTreeMap<String, IpcacheEntry>,
     deadline: Duration,
@@ -156,7 +158,7 @@ pub async fn converged(
 }
 
 /// What etcd holds under the ipcache prefix, decoded.
-pub async fn etcd_records(backend: &EtcdBackend) -> BTreeMap<String, IpcacheEntry> {
+pub(crate) async fn etcd_records(backend: &EtcdBackend) -> BTreeMap<String, IpcacheEntry> {
     let listing = backend
         .list(&IpcacheEntry::prefix(&cluster()))
         .await
@@ -171,7 +173,7 @@ pub async fn etcd_records(backend: &EtcdBackend) -> BTreeMap<String, IpcacheEntr
         .collect()
 }
 
-pub async fn idle(w: &SyncStore<IpcacheEntry>, deadline: Duration) {
+pub(crate) async fn idle(w: &SyncStore<IpcacheEntry>, deadline: Duration) {
     tokio::time::timeout(deadline, w.wait_idle())
         .await
         .unwrap_or_else(|_| {

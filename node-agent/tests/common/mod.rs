@@ -25,12 +25,12 @@ use std::{
 use nix::sched::{setns, CloneFlags};
 use tokio::sync::oneshot;
 
-pub const PREFIX: &str = "mag2";
+pub(crate) const PREFIX: &str = "mag2";
 
 /// Runs the `mesh-cni` binary as a container runtime does: the CNI
 /// environment (pod `default/<container>` with `MESH_LABELS=labels`), the
 /// network config on stdin.
-pub fn run_mesh_cni(
+pub(crate) fn run_mesh_cni(
     command: &str,
     container: &str,
     netns: Option<&str>,
@@ -64,7 +64,7 @@ pub fn run_mesh_cni(
 }
 
 /// One cluster: etcd, apiserver, one node with its agent.
-pub struct ClusterLab {
+pub(crate) struct ClusterLab {
     pub name: String,
     pub id: u16,
     pub etcd: testkit::EtcdServer,
@@ -78,7 +78,7 @@ pub struct ClusterLab {
     pub encryption: &'static str,
 }
 
-pub struct Lab {
+pub(crate) struct Lab {
     pub tag: String,
     pub a: ClusterLab,
     pub b: ClusterLab,
@@ -86,7 +86,7 @@ pub struct Lab {
     _tmp: tempfile::TempDir,
 }
 
-pub fn ip(args: &[&str]) -> String {
+pub(crate) fn ip(args: &[&str]) -> String {
     let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(
         out.status.success(),
@@ -117,14 +117,14 @@ fn remove_leftovers() {
 }
 
 /// Root, `ip` and `etcd` present (or skip / fail under MESH_TEST_STRICT).
-pub fn requirements() -> bool {
+pub(crate) fn requirements() -> bool {
     testkit::require_root() && testkit::require_binary("ip") && testkit::require_binary("etcd")
 }
 
 /// A lab with both agents running and ready for both clusters, and one pod
 /// namespace per node (`pa` on c1, `pb` on c2); `None` when a requirement
 /// is missing (see [`requirements`]).
-pub async fn started_lab(encryption: &'static str) -> Option<(Lab, String, String)> {
+pub(crate) async fn started_lab(encryption: &'static str) -> Option<(Lab, String, String)> {
     if !requirements() {
         return None;
     }
@@ -205,7 +205,7 @@ impl Lab {
     /// Two clusters `c1` (ID 1, node 192.168.1.2, pods 10.1.1.0/24) and `c2`
     /// (ID 2, node 192.168.2.2, pods 10.2.1.0/24), nodes joined by one veth.
     /// Agents are not started yet.
-    pub async fn new(encryption: &'static str) -> Self {
+    pub(crate) async fn new(encryption: &'static str) -> Self {
         remove_leftovers();
         let tag = testkit::unique_name(PREFIX);
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -283,7 +283,7 @@ impl Lab {
         lab
     }
 
-    pub fn write_remote_config(&self, c: &ClusterLab, other: &ClusterLab) {
+    pub(crate) fn write_remote_config(&self, c: &ClusterLab, other: &ClusterLab) {
         let port = port_of(&other.etcd.endpoint());
         std::fs::write(
             c.dir.join("clustermesh").join(&other.name),
@@ -292,13 +292,13 @@ impl Lab {
         .expect("write clustermesh config");
     }
 
-    pub fn remove_remote_config(&self, c: &ClusterLab, other: &ClusterLab) {
+    pub(crate) fn remove_remote_config(&self, c: &ClusterLab, other: &ClusterLab) {
         std::fs::remove_file(c.dir.join("clustermesh").join(&other.name))
             .expect("remove clustermesh config");
     }
 
     /// A pod namespace of this lab.
-    pub fn pod_ns(&mut self, name: &str) -> String {
+    pub(crate) fn pod_ns(&mut self, name: &str) -> String {
         let ns = format!("{}-{name}", self.tag);
         ip(&["netns", "add", &ns]);
         self.pods.push(ns.clone());
@@ -307,13 +307,13 @@ impl Lab {
 }
 
 impl ClusterLab {
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
     /// Starts the agent in the node's namespace (it reaches the etcds and
     /// its apiserver through the relays).
-    pub fn start_agent(&mut self) {
+    pub(crate) fn start_agent(&mut self) {
         let netns = self.node_ns.clone();
         self.spawn_agent(Some(&netns));
     }
@@ -322,7 +322,7 @@ impl ClusterLab {
     /// etcds and its apiserver directly, with no relay in between. For the
     /// benchmark, which runs in a private namespace of its own; pods cannot
     /// be attached to such an agent (its node has no underlay device).
-    pub fn start_agent_in_current_netns(&mut self) {
+    pub(crate) fn start_agent_in_current_netns(&mut self) {
         self.spawn_agent(None);
     }
 
@@ -379,7 +379,7 @@ impl ClusterLab {
             .unwrap_or(0)
     }
 
-    pub fn stop_agent(&mut self) {
+    pub(crate) fn stop_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
@@ -389,14 +389,14 @@ impl ClusterLab {
         }
     }
 
-    pub fn agent_running(&mut self) -> bool {
+    pub(crate) fn agent_running(&mut self) -> bool {
         self.agent
             .as_mut()
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// The agent's status document, if the socket answers.
-    pub fn status(&self) -> Option<serde_json::Value> {
+    pub(crate) fn status(&self) -> Option<serde_json::Value> {
         let mut s = std::os::unix::net::UnixStream::connect(self.path("status.sock")).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         let mut buf = Vec::new();
@@ -405,7 +405,7 @@ impl ClusterLab {
     }
 
     /// The status of `cluster` in this agent's status document.
-    pub fn cluster_status(&self, cluster: &str) -> Option<serde_json::Value> {
+    pub(crate) fn cluster_status(&self, cluster: &str) -> Option<serde_json::Value> {
         self.status()?["clusters"]
             .as_array()?
             .iter()
@@ -413,7 +413,7 @@ impl ClusterLab {
             .cloned()
     }
 
-    pub async fn wait_ready(&self, clusters: &[&str]) {
+    pub(crate) async fn wait_ready(&self, clusters: &[&str]) {
         let what = format!("agent of {} ready for {clusters:?}", self.name);
         testkit::eventually!(Duration::from_secs(60), what, {
             clusters.iter().all(|c| {
@@ -423,12 +423,12 @@ impl ClusterLab {
         });
     }
 
-    pub fn ipcache(&self) -> datapath::Ipcache {
+    pub(crate) fn ipcache(&self) -> datapath::Ipcache {
         datapath::Ipcache::open(&self.path("bpf")).expect("ipcache pin")
     }
 
     /// Runs `mesh-cni` as a runtime does.
-    pub fn cni(&self, command: &str, container: &str, netns: &str) -> Output {
+    pub(crate) fn cni(&self, command: &str, container: &str, netns: &str) -> Output {
         let conf = format!(
             r#"{{"cniVersion":"1.0.0","name":"mesh","type":"mesh-cni","agentSocket":"{}"}}"#,
             self.path("cni.sock").display()
@@ -443,7 +443,7 @@ impl ClusterLab {
     }
 
     /// CNI ADD; returns the pod's address.
-    pub fn add_pod(&self, container: &str, netns: &str) -> Ipv4Addr {
+    pub(crate) fn add_pod(&self, container: &str, netns: &str) -> Ipv4Addr {
         let out = self.cni("ADD", container, netns);
         assert!(
             out.status.success(),
@@ -460,7 +460,7 @@ impl ClusterLab {
             .expect("pod address")
     }
 
-    pub fn del_pod(&self, container: &str, netns: &str) {
+    pub(crate) fn del_pod(&self, container: &str, netns: &str) {
         let out = self.cni("DEL", container, netns);
         assert!(
             out.status.success(),
@@ -470,7 +470,7 @@ impl ClusterLab {
     }
 
     /// The agent's log so far (for assertion messages).
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut out = String::new();
         for i in 0..self.agent_runs() {
             out.push_str(
@@ -508,7 +508,7 @@ impl Drop for Lab {
 }
 
 /// Runs `f` on a fresh thread inside network namespace `ns`.
-pub fn in_netns<T: Send + 'static>(
+pub(crate) fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
@@ -521,7 +521,7 @@ pub fn in_netns<T: Send + 'static>(
 }
 
 /// A TCP echo server on `addr` inside `ns`, serving until the process ends.
-pub fn echo_server(ns: &str, addr: SocketAddr) {
+pub(crate) fn echo_server(ns: &str, addr: SocketAddr) {
     let (tx, rx) = std::sync::mpsc::channel();
     in_netns(ns, move || {
         let listener = StdListener::bind(addr).expect("bind echo server");
@@ -543,7 +543,7 @@ pub fn echo_server(ns: &str, addr: SocketAddr) {
 }
 
 /// Connects from `ns` to `addr`, sends `payload` and returns the echo.
-pub fn tcp_exchange(ns: &str, addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+pub(crate) fn tcp_exchange(ns: &str, addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     let payload = payload.to_vec();
     in_netns(ns, move || {
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;

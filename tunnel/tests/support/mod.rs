@@ -20,15 +20,15 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
-pub const PREFIX: &str = "mtun";
+pub(crate) const PREFIX: &str = "mtun";
 
 /// Whether the test may run: root, and the binaries it needs.
-pub fn prerequisites(binaries: &[&str]) -> bool {
+pub(crate) fn prerequisites(binaries: &[&str]) -> bool {
     testkit::require_root() && binaries.iter().all(|b| testkit::require_binary(b))
 }
 
 /// Runs a command to completion, panicking with its output on failure.
-pub fn sh(args: &[&str]) -> String {
+pub(crate) fn sh(args: &[&str]) -> String {
     let output = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -43,7 +43,7 @@ pub fn sh(args: &[&str]) -> String {
 }
 
 /// Runs a command inside namespace `ns`.
-pub fn ns_sh(ns: &str, args: &[&str]) -> String {
+pub(crate) fn ns_sh(ns: &str, args: &[&str]) -> String {
     let mut full = vec!["ip", "netns", "exec", ns];
     full.extend_from_slice(args);
     sh(&full)
@@ -68,18 +68,18 @@ fn clean_leftovers() {
 
 /// Namespaces owned by one test, deleted on drop.
 #[derive(Debug, Default)]
-pub struct Namespaces {
+pub(crate) struct Namespaces {
     names: Vec<String>,
 }
 
 impl Namespaces {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         clean_leftovers();
         Self::default()
     }
 
     /// Creates a fresh namespace with loopback up.
-    pub fn add(&mut self) -> String {
+    pub(crate) fn add(&mut self) -> String {
         let name = testkit::unique_name(PREFIX);
         sh(&["ip", "netns", "add", &name]);
         self.names.push(name.clone());
@@ -90,7 +90,15 @@ impl Namespaces {
     /// Joins `a` and `b` with a veth pair `dev_a`/`dev_b` carrying the given
     /// addresses (CIDR notation), IPv6 disabled so captures only show what the
     /// test sends.
-    pub fn veth(&self, a: &str, dev_a: &str, addr_a: &str, b: &str, dev_b: &str, addr_b: &str) {
+    pub(crate) fn veth(
+        &self,
+        a: &str,
+        dev_a: &str,
+        addr_a: &str,
+        b: &str,
+        dev_b: &str,
+        addr_b: &str,
+    ) {
         sh(&[
             "ip", "link", "add", dev_a, "netns", a, "type", "veth", "peer", "name", dev_b, "netns",
             b,
@@ -126,7 +134,7 @@ fn enter(ns: &str) {
 
 /// Runs `f` on a new thread inside namespace `ns` and returns its result,
 /// waiting at most `deadline`.
-pub fn in_ns<R: Send + 'static>(
+pub(crate) fn in_ns<R: Send + 'static>(
     ns: &str,
     deadline: Duration,
     what: &str,
@@ -149,13 +157,13 @@ type Job<S> = Box<dyn FnOnce(&tokio::runtime::Runtime, &mut S) + Send>;
 
 /// A thread living in a namespace with a current-thread tokio runtime and a
 /// state `S` that never leaves it (netlink connection, WireGuard device).
-pub struct NsThread<S> {
+pub(crate) struct NsThread<S> {
     jobs: Option<mpsc::Sender<Job<S>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl<S: 'static> NsThread<S> {
-    pub fn start(
+    pub(crate) fn start(
         ns: &str,
         init: impl FnOnce(&tokio::runtime::Runtime) -> S + Send + 'static,
     ) -> Self {
@@ -180,7 +188,7 @@ impl<S: 'static> NsThread<S> {
     }
 
     /// Runs `f` with the state on the namespace thread; waits at most 30 s.
-    pub fn run<R: Send + 'static>(
+    pub(crate) fn run<R: Send + 'static>(
         &self,
         what: &str,
         f: impl FnOnce(&tokio::runtime::Runtime, &mut S) -> R + Send + 'static,
@@ -214,12 +222,12 @@ impl<S> Drop for NsThread<S> {
 
 /// A TCP server in a namespace: answers each connection with the number of
 /// bytes it received before EOF. Stops when dropped.
-pub struct CountingServer {
+pub(crate) struct CountingServer {
     stop: Arc<AtomicBool>,
 }
 
 impl CountingServer {
-    pub fn start(ns: &str, addr: SocketAddr) -> Self {
+    pub(crate) fn start(ns: &str, addr: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let listener = in_ns(
@@ -260,7 +268,7 @@ impl Drop for CountingServer {
 
 /// Sends `payload` over TCP from namespace `ns` to `to` and returns the byte
 /// count the server reported, or an error string (connect timeout 2 s).
-pub fn tcp_exchange(ns: &str, to: SocketAddr, payload: Vec<u8>) -> Result<usize, String> {
+pub(crate) fn tcp_exchange(ns: &str, to: SocketAddr, payload: Vec<u8>) -> Result<usize, String> {
     in_ns(ns, Duration::from_secs(20), "a tcp exchange", move || {
         let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(2))
             .map_err(|e| format!("connect {to}: {e}"))?;
@@ -282,7 +290,7 @@ pub fn tcp_exchange(ns: &str, to: SocketAddr, payload: Vec<u8>) -> Result<usize,
 
 /// Retries a TCP exchange until it succeeds (handshakes take a moment), for
 /// at most `deadline`.
-pub fn tcp_exchange_eventually(
+pub(crate) fn tcp_exchange_eventually(
     ns: &str,
     to: SocketAddr,
     payload: &[u8],
@@ -301,14 +309,14 @@ pub fn tcp_exchange_eventually(
 }
 
 /// A tcpdump writing a pcap of one device in a namespace.
-pub struct Capture {
+pub(crate) struct Capture {
     child: Child,
     pub path: PathBuf,
 }
 
 impl Capture {
     /// Starts tcpdump on `dev` in `ns` and waits until it listens.
-    pub fn start(ns: &str, dev: &str, path: PathBuf) -> Self {
+    pub(crate) fn start(ns: &str, dev: &str, path: PathBuf) -> Self {
         let mut child = Command::new("ip")
             .args([
                 "netns",
@@ -346,7 +354,7 @@ impl Capture {
     }
 
     /// Stops tcpdump (SIGINT, so it flushes) and returns the captured frames.
-    pub fn finish(mut self) -> Vec<Vec<u8>> {
+    pub(crate) fn finish(mut self) -> Vec<Vec<u8>> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         // `ip netns exec` execs tcpdump, so the pid is tcpdump's.
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
@@ -370,7 +378,7 @@ impl Drop for Capture {
 }
 
 /// The frames of a classic little-endian pcap file.
-pub fn read_pcap(data: &[u8]) -> Vec<Vec<u8>> {
+pub(crate) fn read_pcap(data: &[u8]) -> Vec<Vec<u8>> {
     assert!(data.len() >= 24, "pcap shorter than its header");
     assert_eq!(
         &data[..4],
@@ -390,14 +398,14 @@ pub fn read_pcap(data: &[u8]) -> Vec<Vec<u8>> {
 
 /// What an Ethernet frame is, as far as the capture assertions care.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame {
+pub(crate) enum Frame {
     Arp,
     Udp { sport: u16, dport: u16 },
     OtherIpv4 { protocol: u8 },
     Other { ethertype: u16 },
 }
 
-pub fn classify(frame: &[u8]) -> Frame {
+pub(crate) fn classify(frame: &[u8]) -> Frame {
     let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
     match ethertype {
         0x0806 => Frame::Arp,
@@ -416,6 +424,6 @@ pub fn classify(frame: &[u8]) -> Frame {
     }
 }
 
-pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
