@@ -128,15 +128,6 @@ impl Registry {
         }
     }
 
-    /// Waits until a session is live or `timeout` passes; returns whether
-    /// one is.
-    pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let mut rx = self.session.clone();
-        tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
-            .await
-            .is_ok_and(|r| r.is_ok())
-    }
-
     /// Registers (or updates) `ep` and returns its identity. The endpoint
     /// is remembered and registered again after a reconnect.
     ///

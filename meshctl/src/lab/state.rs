@@ -242,11 +242,6 @@ impl LabState {
         self.clusters.iter().find(|c| c.name == name)
     }
 
-    /// The cluster with number `n`.
-    pub fn cluster_by_id(&self, n: u8) -> Option<&ClusterState> {
-        self.clusters.iter().find(|c| c.id == n)
-    }
-
     /// The pod `name` of cluster `cluster`.
     pub fn pod(&self, cluster: &str, name: &str) -> Option<&PodRecord> {
         self.pods
