@@ -1,5 +1,7 @@
 //! Compiles every `bpf/*.c` into `$OUT_DIR/<name>.o` with clang, so that
-//! `src/lib.rs` can embed the objects with `include_bytes_aligned!`.
+//! `src/lib.rs` can embed the objects with `include_bytes_aligned!`, and
+//! again with `-DMESH_TEST_PROGRAMS` into `$OUT_DIR/<name>_test.o`: the build
+//! with the test-only programs, which only the tests and benchmarks load.
 
 use std::{
     env, fs,
@@ -30,20 +32,29 @@ fn main() {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
     for source in &sources {
         println!("cargo:rerun-if-changed={}", source.display());
-        compile(&clang, source, &bpf, &out);
+        compile(&clang, source, &bpf, &out, None);
+        compile(&clang, source, &bpf, &out, Some("MESH_TEST_PROGRAMS"));
     }
 }
 
-fn compile(clang: &str, source: &Path, include: &Path, out: &Path) {
+fn compile(clang: &str, source: &Path, include: &Path, out: &Path, define: Option<&str>) {
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".to_owned());
-    let stem = source.file_stem().expect("a .c file has a stem");
-    let object = out.join(stem).with_extension("o");
+    let stem = source
+        .file_stem()
+        .expect("a .c file has a stem")
+        .to_string_lossy();
+    let name = match define {
+        Some(_) => format!("{stem}_test.o"),
+        None => format!("{stem}.o"),
+    };
+    let object = out.join(name);
     // -g: aya needs the BTF that only debug info produces ("no BTF parsed").
     // -I: Debian keeps asm/types.h under the multiarch include directory.
     let status = Command::new(clang)
         .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
         .arg(format!("-I{}", include.display()))
         .arg(format!("-I/usr/include/{arch}-linux-gnu"))
+        .args(define.map(|d| format!("-D{d}")))
         .arg("-c")
         .arg(source)
         .arg("-o")

@@ -159,7 +159,7 @@ fn maglev_bench() -> anyhow::Result<()> {
 /// loopback (where test packets enter) and 10.1.0.2 behind ifindex 4242.
 fn two_pods() -> anyhow::Result<(common::Bpffs, Datapath)> {
     let bpffs = common::Bpffs::new();
-    let dp = Datapath::load_or_adopt(bpffs.path())?;
+    let dp = common::load_test_datapath(bpffs.path())?;
     let mut eps = dp.endpoints()?;
     for (ip, ifindex, identity) in [("10.1.0.1", 1, 0x10100), ("10.1.0.2", 4242, 0x10101)] {
         let ep = Endpoint {

@@ -743,14 +743,18 @@ int from_overlay(struct __sk_buff *skb)
 	return overlay_deliver(skb, key.tunnel_id, key.remote_ipv4);
 }
 
+#ifdef MESH_TEST_PROGRAMS
 /* BPF_PROG_TEST_RUN cannot attach tunnel metadata to a test packet, so this
  * twin of from_overlay takes the VNI from cb[0] and the remote node from cb[1]
- * and then runs the very same delivery code. Never attached to a device. */
+ * and then runs the very same delivery code. Only in the test build of the
+ * object (datapath_test.o), which the tests and benchmarks load; the object
+ * the agent loads does not have it. */
 SEC("classifier")
 int test_from_overlay(struct __sk_buff *skb)
 {
 	return overlay_deliver(skb, skb->cb[0], skb->cb[1]);
 }
+#endif
 
 /* Delivers traffic the kernel routed to this node (native routing over an
  * Ethernet underlay, or decrypted by WireGuard) to a local pod. Not for a pod:

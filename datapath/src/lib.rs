@@ -13,7 +13,7 @@
 //! | `from_overlay` | the VXLAN device (external mode) | read the tunnel key, source identity = VNI, deliver to the local pod by destination IP with `bpf_redirect_peer`; unknown pod → drop (`UnknownEndpoint`) |
 //! | `from_netdev` | an Ethernet device where natively routed pod traffic arrives | destination a local pod → rewrite MACs, deliver to it; else `TC_ACT_OK` |
 //! | `from_l3dev` | an L3 device (WireGuard / TUN) where decrypted traffic arrives | like `from_netdev`, after prepending the Ethernet header a veth needs |
-//! | `test_from_overlay` | never attached | `from_overlay`'s delivery code with the VNI and remote taken from `skb->cb[0..2]`, because `BPF_PROG_TEST_RUN` cannot attach tunnel metadata to a test packet |
+//! | `test_from_overlay` | never attached; only in the test build of the object ([`DatapathOptions::object`]) | `from_overlay`'s delivery code with the VNI and remote taken from `skb->cb[0..2]`, because `BPF_PROG_TEST_RUN` cannot attach tunnel metadata to a test packet |
 //!
 //! `from_overlay`, `from_netdev` and `from_l3dev` reverse-translate replies
 //! of translated flows before delivering to a pod. The places where policy
@@ -250,6 +250,10 @@ pub struct DatapathOptions {
     pub maglev_tables: u32,
     /// Entries of the `lb_ct` LRU map (two per translated flow).
     pub conntrack_entries: u32,
+    /// The compiled object to load instead of the embedded one (default
+    /// `None`). The tests and benchmarks load the build with the test-only
+    /// programs, `$OUT_DIR/datapath_test.o`; the agent never sets it.
+    pub object: Option<&'static [u8]>,
 }
 
 impl Default for DatapathOptions {
@@ -258,6 +262,7 @@ impl Default for DatapathOptions {
             maglev_table_size: maglev::TableSize::default(),
             maglev_tables: 128,
             conntrack_entries: 65_536,
+            object: None,
         }
     }
 }
@@ -286,7 +291,8 @@ pub enum Program {
     FromNetdev,
     /// An L3 device (WireGuard / TUN) receiving pod traffic.
     FromL3dev,
-    /// `from_overlay` for `BPF_PROG_TEST_RUN` (identity and remote in `cb`).
+    /// `from_overlay` for `BPF_PROG_TEST_RUN` (identity and remote in `cb`);
+    /// only in the test build of the object ([`DatapathOptions::object`]).
     TestFromOverlay,
 }
 
@@ -434,7 +440,7 @@ impl Datapath {
             .default_map_pin_directory(bpffs_dir)
             .map_max_entries("maglev", maglev_entries)
             .map_max_entries("lb_ct", options.conntrack_entries)
-            .load(OBJECT)
+            .load(options.object.unwrap_or(OBJECT))
             .map_err(|source| Error::Load {
                 path: bpffs_dir.to_owned(),
                 source: Box::new(source),

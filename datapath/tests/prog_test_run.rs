@@ -83,7 +83,7 @@ impl Fixture {
     /// on node 192.168.1.2; tracing on.
     fn new() -> Self {
         let bpffs = common::Bpffs::new();
-        let mut dp = Datapath::load_or_adopt(bpffs.path()).expect("load");
+        let mut dp = common::load_test_datapath(bpffs.path()).expect("load");
         dp.set_trace(true).unwrap();
         dp.set_vxlan_ifindex(VXLAN).unwrap();
         let mut eps = dp.endpoints().unwrap();
@@ -933,5 +933,21 @@ async fn load_balancer_validates_adopts_and_prefers() {
             .map(|(_, b)| b.addr)
             .collect::<Vec<_>>(),
         [local]
+    );
+}
+
+/// The object the agent loads has no test-only program: `test_from_overlay`
+/// exists only in the test build of the object.
+#[tokio::test]
+async fn the_production_object_has_no_test_program() {
+    if !common::require_root() {
+        return;
+    }
+    let bpffs = common::Bpffs::new();
+    let mut dp = Datapath::load_or_adopt(bpffs.path()).expect("load");
+    assert!(dp.program(Program::FromOverlay).is_ok());
+    assert!(
+        dp.program(Program::TestFromOverlay).is_err(),
+        "test_from_overlay is in the production object"
     );
 }

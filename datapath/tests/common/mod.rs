@@ -15,6 +15,20 @@ use datapath::{netns, Datapath, Endpoint};
 pub(crate) mod packet;
 pub(crate) mod traffic;
 
+/// The build of the datapath object with the test-only programs
+/// (`test_from_overlay`); the agent's object does not have them.
+pub(crate) static TEST_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath_test.o"));
+
+/// Loads (or adopts) the datapath at `bpffs` from [`TEST_OBJECT`].
+pub(crate) fn load_test_datapath(bpffs: &Path) -> Result<Datapath, datapath::Error> {
+    let options = datapath::DatapathOptions {
+        object: Some(TEST_OBJECT),
+        ..datapath::DatapathOptions::default()
+    };
+    Datapath::load_or_adopt_with(bpffs, &options)
+}
+
 /// True when the test may run; false (after saying why) when it must skip.
 /// With `MESH_TEST_STRICT=1` a missing requirement fails the test instead.
 pub(crate) fn require_root() -> bool {
