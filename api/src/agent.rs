@@ -206,6 +206,23 @@ pub struct ReconcileStatus {
     /// Map writes a resync had to make: the incremental passes left an
     /// entry wrong, or someone else wrote the map. Zero when all is well.
     pub resync_corrections: u64,
+    /// The WireGuard device's last health check (with `--encryption
+    /// wireguard`; absent otherwise).
+    pub wireguard: Option<DeviceHealth>,
+}
+
+/// The outcome of a device's health check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct DeviceHealth {
+    /// The device answered its last check.
+    pub healthy: bool,
+    /// `kernel` or `userspace`.
+    pub backend: String,
+    /// Why the last check failed, if it did.
+    pub error: Option<String>,
+    /// Failed checks since the agent started.
+    pub failures: u64,
 }
 
 /// The whole status document.

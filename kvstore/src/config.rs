@@ -352,7 +352,7 @@ pub async fn connect(config: &EtcdConfig) -> Result<EtcdBackend, ConnectError> {
         })?;
     let backend = EtcdBackend::new(&client, config.request_timeout);
     backend
-        .get(crate::keys::HEARTBEAT_KEY)
+        .get(api::keys::HEARTBEAT_KEY)
         .await
         .map_err(|source| ConnectError::Unreachable {
             endpoints,

@@ -73,7 +73,6 @@ mod backend;
 mod cluster;
 mod config;
 mod etcd;
-pub mod keys;
 mod lease_pool;
 mod memory;
 pub mod retry;

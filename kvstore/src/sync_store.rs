@@ -419,7 +419,7 @@ impl Shared {
         }
         if state.synced && self.config.write_canary && !state.canary_due && state.queue.is_idle() {
             state.canary_due = true;
-            let stamp = crate::keys::rfc3339_now();
+            let stamp = api::Timestamp::now().to_string();
             state
                 .wanted
                 .insert(self.canary_key.clone(), stamp.into_bytes().into());

@@ -101,7 +101,7 @@ async fn hostile_records_are_rejected_and_counted_good_ones_delivered() {
     for base in [IpcacheEntry::BASE_PREFIX, Node::BASE_PREFIX] {
         let canary = api::keys::sync_canary_key(&cluster(), base);
         backend
-            .put(&canary, kvstore::keys::rfc3339_now().as_bytes(), None)
+            .put(&canary, api::Timestamp::now().to_string().as_bytes(), None)
             .await
             .unwrap();
     }

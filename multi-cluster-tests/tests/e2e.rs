@@ -230,6 +230,22 @@ fn two_by_two_wireguard_encrypts_the_underlay() {
         ],
     );
     assert_status_ready(&lab, 2, 2);
+    // Every agent checked its (userspace) device and found it answering.
+    for cluster in &lab.state().clusters {
+        for node in &cluster.nodes {
+            let status = meshctl::clustermesh::status::read_agent_status(&node.status_socket)
+                .expect("agent status");
+            let wg = status
+                .reconcile
+                .wireguard
+                .expect("a WireGuard health check");
+            assert!(
+                wg.healthy && wg.backend == "userspace",
+                "{}: {wg:?}",
+                node.name
+            );
+        }
+    }
     let pcap = std::env::temp_dir().join(format!("{}-underlay.pcap", lab.name));
     let capture = Capture::start(&lab.name, &pcap);
     let marker = "MESH-PAYLOAD-MARKER-7f3a";

@@ -15,6 +15,7 @@
 //! | `mesh_agent_ipcache_entries`, `mesh_agent_local_endpoints` | gauge | |
 //! | `mesh_agent_services_frontends` | gauge | |
 //! | `mesh_agent_services_errors_total`, `mesh_agent_services_conflicts_total` | counter | |
+//! | `mesh_agent_wireguard_healthy` (gauge), `mesh_agent_wireguard_health_failures_total` (counter) | with `--encryption wireguard` | |
 
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
@@ -184,6 +185,18 @@ pub fn registry(status: &AgentStatus) -> Registry {
         ),
     ] {
         registry.register(name, help, gauge(value));
+    }
+    if let Some(wg) = &r.wireguard {
+        registry.register(
+            "wireguard_healthy",
+            "Whether the WireGuard device answered its last health check.",
+            gauge(u64::from(wg.healthy)),
+        );
+        registry.register(
+            "wireguard_health_failures",
+            "Failed WireGuard device health checks.",
+            counter(wg.failures),
+        );
     }
     registry
 }

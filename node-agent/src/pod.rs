@@ -71,6 +71,15 @@ pub enum PodError {
     /// CHECK found a difference.
     #[error("check failed: {0}")]
     Check(String),
+    /// A MAC address is not six bytes (`aa:bb:cc:dd:ee:ff`): a link without
+    /// an Ethernet address, or a corrupt endpoint record.
+    #[error("{what} {value:?} is not a MAC address")]
+    BadMac {
+        /// Whose MAC.
+        what: String,
+        /// What was found.
+        value: String,
+    },
     /// A record could not be written or read.
     #[error("endpoint record {path}")]
     Record {
@@ -307,8 +316,8 @@ impl PodManager {
             ifindex: host.index,
             identity,
             endpoint_id,
-            pod_mac: mac6(&moved.mac),
-            host_mac: mac6(&host.mac),
+            pod_mac: mac6(&moved.mac, || format!("MAC of {}", req.ifname))?,
+            host_mac: mac6(&host.mac, || format!("MAC of {host_if}"))?,
         };
         install_endpoint(inner, ip, ep, &host_if)?;
         let attachment = PodAttachment {
@@ -440,12 +449,32 @@ impl PodManager {
             let ip = att.address.addr();
             match inner.host.link(&att.host_ifname).await? {
                 Some(host) => {
+                    let macs = parse_mac(&att.pod_mac)
+                        .ok_or_else(|| PodError::BadMac {
+                            what: format!("recorded pod MAC of {}", rec.container_id),
+                            value: att.pod_mac.clone(),
+                        })
+                        .and_then(|pod_mac| {
+                            Ok((
+                                pod_mac,
+                                mac6(&host.mac, || format!("MAC of {}", att.host_ifname))?,
+                            ))
+                        });
+                    let (pod_mac, host_mac) = match macs {
+                        Ok(macs) => macs,
+                        Err(e) => {
+                            // Never a zero MAC in the datapath: the pod keeps
+                            // what its predecessor programmed until it is re-added.
+                            warn!(container = %rec.container_id, error = %e, "endpoint record not restored");
+                            continue;
+                        }
+                    };
                     let ep = datapath::Endpoint {
                         ifindex: host.index,
                         identity: att.identity.unwrap_or(IDENTITY_INIT),
                         endpoint_id: rec.endpoint_id,
-                        pod_mac: parse_mac(&att.pod_mac),
-                        host_mac: mac6(&host.mac),
+                        pod_mac,
+                        host_mac,
                     };
                     install_endpoint(&inner, ip, ep, &att.host_ifname)?;
                     if let Some(reg) = &inner.registry {
@@ -591,20 +620,27 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     format!("lxc{:012x}", h & 0xffff_ffff_ffff)
 }
 
-fn mac6(mac: &[u8]) -> [u8; 6] {
-    let mut out = [0; 6];
-    for (o, b) in out.iter_mut().zip(mac) {
-        *o = *b;
-    }
-    out
+/// A link's MAC as six bytes, or [`PodError::BadMac`] naming `what`.
+fn mac6(mac: &[u8], what: impl FnOnce() -> String) -> Result<[u8; 6], PodError> {
+    <[u8; 6]>::try_from(mac).map_err(|_| PodError::BadMac {
+        what: what(),
+        value: format_mac(mac),
+    })
 }
 
-fn parse_mac(s: &str) -> [u8; 6] {
-    let bytes: Vec<u8> = s
-        .split(':')
-        .filter_map(|p| u8::from_str_radix(p, 16).ok())
-        .collect();
-    mac6(&bytes)
+/// Parses `aa:bb:cc:dd:ee:ff` (what [`format_mac`] writes); `None` for
+/// anything else.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut out {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 #[cfg(test)]
@@ -621,8 +657,19 @@ mod tests {
     }
 
     #[test]
-    fn macs_round_trip() {
+    fn macs_round_trip_and_bad_ones_are_refused() {
         let m = [0x02, 0xab, 0, 1, 0xff, 0x10];
-        assert_eq!(parse_mac(&format_mac(&m)), m);
+        assert_eq!(parse_mac(&format_mac(&m)), Some(m));
+        for bad in [
+            "",
+            "02:ab:00:01:ff",
+            "02:ab:00:01:ff:10:11",
+            "02:ab:00:01:ff:zz",
+            "2:ab:0:1:ff:10",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+        }
+        assert!(mac6(&[1, 2, 3], || "x".into()).is_err());
+        assert_eq!(mac6(&m, || "x".into()).unwrap(), m);
     }
 }

@@ -237,6 +237,18 @@ pub fn aggregate(
                 hint: log_hint(node),
             });
         }
+        if let Some(wg) = status.reconcile.wireguard.as_ref().filter(|h| !h.healthy) {
+            all_ok = false;
+            errors.push(Problem {
+                node: node.node.clone(),
+                message: format!(
+                    "the {} WireGuard device does not answer: {}",
+                    wg.backend,
+                    wg.error.as_deref().unwrap_or("no reason given")
+                ),
+                hint: format!("encrypted traffic of this node is down; {}", log_hint(node)),
+            });
+        }
         let mut seen = BTreeSet::new();
         for c in &status.clusters {
             if c.name == cluster {

@@ -45,6 +45,15 @@ pub enum SuperviseError {
         #[source]
         source: std::io::Error,
     },
+    /// The started process cannot be identified in `/proc` (its start time
+    /// is what tells it from a later process with a recycled PID).
+    #[error("started {program} as PID {pid}, but /proc/{pid}/stat has no start time")]
+    NoStartTime {
+        /// The program.
+        program: String,
+        /// Its PID.
+        pid: i32,
+    },
     /// The process exited while we waited for it to become healthy.
     #[error("{what} exited while waiting for it to become ready; last lines of {log}:\n{tail}")]
     Exited {
@@ -133,12 +142,16 @@ pub fn start(spec: &Spec) -> Result<ProcessRecord, SuperviseError> {
     // The child is not waited for: it outlives this `meshctl` and is found
     // again by PID and start time.
     drop(child);
+    let start_time = start_time(pid).ok_or_else(|| SuperviseError::NoStartTime {
+        program: argv[0].clone(),
+        pid,
+    })?;
     Ok(ProcessRecord {
         role: spec.role,
         cluster: spec.cluster.clone(),
         member: spec.member.clone(),
         pid,
-        start_time: start_time(pid).unwrap_or(0),
+        start_time,
         log: spec.log.clone(),
         command: argv,
     })

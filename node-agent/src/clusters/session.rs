@@ -52,10 +52,6 @@ impl std::fmt::Debug for Context {
     }
 }
 
-fn now_rfc3339() -> String {
-    kvstore::keys::rfc3339_now()
-}
-
 impl Context {
     pub(super) fn set_status(&self, cluster: &str, f: impl FnOnce(&mut ClusterStatus)) {
         self.hub.update_cluster(cluster, f);
@@ -68,7 +64,7 @@ impl Context {
             s.connected = false;
             s.ready = false;
             s.num_failures += 1;
-            s.last_failure = Some(now_rfc3339());
+            s.last_failure = Some(api::Timestamp::now().to_string());
             s.status = text;
         });
     }

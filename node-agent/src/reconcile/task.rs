@@ -152,6 +152,7 @@ impl Reconciler {
         tokio::pin!(shutdown);
         let mut resync = tokio::time::interval_at(Instant::now() + RESYNC_PERIOD, RESYNC_PERIOD);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.check_device();
         loop {
             self.pass().await;
             let deadline = self.sync_deadline;
@@ -161,10 +162,37 @@ impl Reconciler {
                 _ = resync.tick() => {
                     self.pass().await;
                     self.resync().await;
+                    self.check_device();
                 }
                 () = tokio::time::sleep_until(deadline), if !self.sweeping => {}
             }
         }
+    }
+
+    /// Checks that the WireGuard device answers and reports it in the
+    /// status (`reconcile.wireguard`), so a wedged userspace device shows.
+    fn check_device(&mut self) {
+        let Some(wg) = &mut self.tunnel.wireguard else {
+            return;
+        };
+        let backend = match wg.backend() {
+            tunnel::wireguard::Backend::Kernel => "kernel",
+            tunnel::wireguard::Backend::Userspace => "userspace",
+        };
+        let result = wg.health_check();
+        if let Err(e) = &result {
+            warn!(error = %kvstore::error_chain(e), "the WireGuard device does not answer");
+        }
+        self.hub.update_reconcile(|r| {
+            let failures =
+                r.wireguard.as_ref().map_or(0, |h| h.failures) + u64::from(result.is_err());
+            r.wireguard = Some(api::agent::DeviceHealth {
+                healthy: result.is_ok(),
+                backend: backend.to_owned(),
+                error: result.err().map(|e| kvstore::error_chain(&e)),
+                failures,
+            });
+        });
     }
 
     /// Applies whatever changed since the last pass: incrementally, or by a

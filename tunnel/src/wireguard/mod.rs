@@ -628,16 +628,26 @@ impl WireguardDevice {
             })
     }
 
-    /// Checks that the userspace device still answers (its event loop is
-    /// alive); always `Ok` for the kernel backend.
+    /// Checks that the device still answers: the kernel device through
+    /// netlink, the userspace one through its UAPI socket (a wedged
+    /// boringtun event loop does not answer).
     ///
     /// # Errors
     ///
-    /// [`WireguardError::Uapi`] if boringtun does not answer.
+    /// [`WireguardError::Kernel`] or [`WireguardError::Uapi`] naming the
+    /// device when it does not answer.
     pub fn health_check(&mut self) -> Result<(), WireguardError> {
         let name = self.name.clone();
         match &mut self.inner {
-            Inner::Kernel(_) => Ok(()),
+            Inner::Kernel(iface) => {
+                wireguard_control::Device::get(iface, wireguard_control::Backend::Kernel)
+                    .map(drop)
+                    .map_err(|source| WireguardError::Kernel {
+                        name,
+                        action: "querying device state".to_owned(),
+                        source,
+                    })
+            }
             Inner::Userspace(userspace) => {
                 userspace
                     .uapi
