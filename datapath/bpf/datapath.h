@@ -9,7 +9,9 @@
  *
  * Changing a struct changes the layout of a pinned map: a restarted agent
  * would adopt a map whose entries it misreads. Add fields only at the end of a
- * value, bump DATAPATH_ABI_VERSION, and teach the loader to migrate.
+ * value, bump DATAPATH_ABI_VERSION, and teach the loader to migrate. The
+ * loader records its version in dp_config and refuses to adopt pins that
+ * another version wrote.
  */
 #ifndef MESH_DATAPATH_H
 #define MESH_DATAPATH_H
@@ -184,7 +186,7 @@ struct datapath_config {
 	__u32 flags;
 	__u32 vxlan_ifindex; /* VXLAN device (external mode) in the node namespace */
 	__u32 maglev_size;   /* slots per Maglev table (prime); 0 = no service translation */
-	__u32 pad;
+	__u32 abi_version;   /* DATAPATH_ABI_VERSION of the loader that wrote the maps; 0 = before it was recorded (version 2) */
 };
 
 /* events: ring buffer of struct event. */

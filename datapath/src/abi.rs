@@ -11,6 +11,11 @@
     reason = "aya::Pod is an unsafe trait: each map key and value below is a repr(C) struct of integers with explicit padding"
 )]
 
+/// `DATAPATH_ABI_VERSION`: the layout of every pinned map. A loader adopts
+/// pins only of its own version (or of version 2 from before versions were
+/// recorded, which has the same layout).
+pub const DATAPATH_ABI_VERSION: u32 = 2;
+
 /// Address family tag in keys and events (not `AF_*`: stable across systems).
 pub const FAMILY_IPV4: u8 = 4;
 /// See [`FAMILY_IPV4`].
@@ -205,7 +210,9 @@ pub struct DatapathConfig {
     pub vxlan_ifindex: u32,
     /// Slots per Maglev table; 0 disables service translation.
     pub maglev_size: u32,
-    pub pad: u32,
+    /// [`DATAPATH_ABI_VERSION`] of the loader that wrote the pinned maps
+    /// (0: a loader from before the version was recorded, layout 2).
+    pub abi_version: u32,
 }
 
 /// `struct event`: one ring buffer record.

@@ -174,7 +174,8 @@
 //!    with another layout is refused instead of misread.
 //! 4. Write a typed handle in [`maps`] that opens the pin (see [`Endpoints`]).
 //! 5. A changed layout of an existing map is a format change: bump
-//!    `DATAPATH_ABI_VERSION` and migrate or rename the map.
+//!    `DATAPATH_ABI_VERSION` (in the header and in [`abi`]; the loader refuses
+//!    pins of another version) and migrate or rename the map.
 
 pub mod abi;
 mod attach;
@@ -354,6 +355,14 @@ pub enum Error {
         found_key: u32,
         found_value: u32,
     },
+    /// The pins were written by a loader of another datapath ABI version
+    /// (`dp_config.abi_version`): their entries may not mean what this build
+    /// reads.
+    #[error(
+        "the pinned maps under {dir} were written by datapath ABI version {found}, this build \
+         is version {want}; remove the pins to start over (this drops their entries)"
+    )]
+    AbiVersion { dir: PathBuf, want: u32, found: u32 },
     /// A pinned map has another number of entries than the options ask for.
     #[error(
         "pinned map {path} has {found} entries, the options ask for {want}; load with the \
@@ -435,6 +444,7 @@ impl Datapath {
         let maglev_entries = options.maglev_entries()?;
         ensure_bpffs(bpffs_dir)?;
         check_pinned_maps(bpffs_dir)?;
+        check_abi_version(bpffs_dir)?;
         check_map_entries(bpffs_dir, "maglev", maglev_entries)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs_dir)
@@ -450,7 +460,10 @@ impl Datapath {
             dir: bpffs_dir.to_owned(),
         };
         let size = options.maglev_table_size.get();
-        dp.update_config(|c| c.maglev_size = size)?;
+        dp.update_config(|c| {
+            c.maglev_size = size;
+            c.abi_version = abi::DATAPATH_ABI_VERSION;
+        })?;
         for program in [
             Program::FromPod,
             Program::FromOverlay,
@@ -637,6 +650,37 @@ fn check_map_entries(dir: &Path, name: &str, want: u32) -> Result<(), Error> {
 }
 
 /// Refuses to adopt a pinned map whose layout differs from this build's.
+/// Refuses pins written by a loader of another ABI version (see
+/// [`abi::DATAPATH_ABI_VERSION`]); 0 is a loader from before the version was
+/// recorded, whose layout is version 2.
+fn check_abi_version(dir: &Path) -> Result<(), Error> {
+    let path = dir.join("dp_config");
+    if !path.exists() {
+        return Ok(());
+    }
+    let map_error = |source| Error::MapInfo {
+        path: path.clone(),
+        source: Box::new(source),
+    };
+    let data = MapData::from_pin(&path).map_err(map_error)?;
+    let config: Array<MapData, DatapathConfig> =
+        Array::try_from(Map::Array(data)).map_err(|source| Error::Config(Box::new(source)))?;
+    let found = config
+        .get(&0, 0)
+        .map_err(|source| Error::Config(Box::new(source)))?
+        .abi_version;
+    let want = abi::DATAPATH_ABI_VERSION;
+    if found == want || (found == 0 && want == 2) {
+        Ok(())
+    } else {
+        Err(Error::AbiVersion {
+            dir: dir.to_owned(),
+            want,
+            found,
+        })
+    }
+}
+
 fn check_pinned_maps(dir: &Path) -> Result<(), Error> {
     for &(name, want_key, want_value) in PINNED_MAPS {
         let path = dir.join(name);

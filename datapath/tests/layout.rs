@@ -80,7 +80,7 @@ fn rust_layout() -> Vec<(&'static str, &'static str, usize)> {
         v,
         "datapath_config",
         DatapathConfig,
-        [flags, vxlan_ifindex, maglev_size, pad]
+        [flags, vxlan_ifindex, maglev_size, abi_version]
     );
     layout!(
         v,
@@ -141,6 +141,7 @@ fn c_and_rust_layouts_agree() {
             c += &format!("printf(\"{ty} {field} %zu\\n\", offsetof(struct {ty}, {field}));\n");
         }
     }
+    c += "printf(\"abi version %d\\n\", DATAPATH_ABI_VERSION);\n";
     c += "return 0; }\n";
 
     let dir = tempfile::tempdir().unwrap();
@@ -171,6 +172,11 @@ fn c_and_rust_layouts_agree() {
             ((ty.to_owned(), field.to_owned()), n.parse().unwrap())
         })
         .collect();
+    assert_eq!(
+        c_view[&("abi".to_owned(), "version".to_owned())],
+        DATAPATH_ABI_VERSION as usize,
+        "DATAPATH_ABI_VERSION differs between datapath.h and abi.rs"
+    );
     let mut mismatches = Vec::new();
     for (ty, field, rust) in &expected {
         let c = c_view[&((*ty).to_owned(), (*field).to_owned())];
@@ -183,5 +189,5 @@ fn c_and_rust_layouts_agree() {
         "layout mismatches:\n{}",
         mismatches.join("\n")
     );
-    assert_eq!(c_view.len(), expected.len());
+    assert_eq!(c_view.len(), expected.len() + 1);
 }

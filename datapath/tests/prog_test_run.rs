@@ -951,3 +951,48 @@ async fn the_production_object_has_no_test_program() {
         "test_from_overlay is in the production object"
     );
 }
+
+/// The loader records its ABI version in `dp_config` and adopts only pins of
+/// its own version (or of version 2 from before versions were recorded).
+#[tokio::test]
+async fn pins_of_another_abi_version_are_refused() {
+    use aya::maps::{Array, Map, MapData};
+    use datapath::abi::{DatapathConfig, DATAPATH_ABI_VERSION};
+    if !common::require_root() {
+        return;
+    }
+    let bpffs = common::Bpffs::new();
+    let set_version = |version: u32| {
+        let data = MapData::from_pin(bpffs.path().join("dp_config")).unwrap();
+        let mut config: Array<MapData, DatapathConfig> = Array::try_from(Map::Array(data)).unwrap();
+        let mut value = config.get(&0, 0).unwrap();
+        assert_eq!(
+            value.abi_version, DATAPATH_ABI_VERSION,
+            "the loader records its version"
+        );
+        value.abi_version = version;
+        config.set(0, value, 0).unwrap();
+    };
+    drop(Datapath::load_or_adopt(bpffs.path()).expect("load"));
+    set_version(DATAPATH_ABI_VERSION + 1);
+    match Datapath::load_or_adopt(bpffs.path()) {
+        Err(datapath::Error::AbiVersion { found, want, .. }) => {
+            assert_eq!(
+                (found, want),
+                (DATAPATH_ABI_VERSION + 1, DATAPATH_ABI_VERSION)
+            );
+        }
+        other => panic!(
+            "adopted pins of another ABI version: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    // Recorded by no one (a loader before the check): adopted, and recorded.
+    let data = MapData::from_pin(bpffs.path().join("dp_config")).unwrap();
+    let mut config: Array<MapData, DatapathConfig> = Array::try_from(Map::Array(data)).unwrap();
+    let mut value = config.get(&0, 0).unwrap();
+    value.abi_version = 0;
+    config.set(0, value, 0).unwrap();
+    drop(Datapath::load_or_adopt(bpffs.path()).expect("a pre-check pin is adopted"));
+    set_version(DATAPATH_ABI_VERSION);
+}
