@@ -15,6 +15,12 @@
 //!    packet on, the new table and backend count are used;
 //! 4. the old table is freed, and backends no longer wanted are deleted.
 //!
+//! The order is computed before anything is written: `lb/book.rs` plans the
+//! steps from what the writer knows of the maps, and records each one the
+//! kernel took, so a failed write leaves a record that says what the maps
+//! hold (its unit tests run every plan against a model of the maps and fail
+//! it at every step).
+//!
 //! # What goes into the table
 //!
 //! Only [`BackendState::Active`] backends take new flows. If any active
@@ -44,7 +50,7 @@
 //! deterministic), so no flow moves.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     fmt,
     net::SocketAddr,
     path::Path,
@@ -58,9 +64,15 @@ use crate::{
         BACKEND_STATE_QUARANTINED, BACKEND_STATE_TERMINATING, FLOW_HASH_SEED, MAGLEV_NO_TABLE,
         SERVICE_F_AFFINITY_LOCAL, SERVICE_F_AFFINITY_REMOTE, SERVICE_F_GLOBAL, SERVICE_F_SHARED,
     },
-    maglev::{self, BackendKey, Member, Table, TableSize},
+    maglev::{self, BackendKey, Table, TableSize},
     maps::{self, addr_bytes, bytes_addr, is_not_found},
 };
+
+use book::{Book, Plan, ServiceState, Step};
+
+mod book;
+#[cfg(test)]
+mod tests;
 
 pub use crate::maglev::Protocol;
 
@@ -222,41 +234,21 @@ pub struct ServiceView<'a> {
     pub table: Option<&'a Table>,
 }
 
-#[derive(Debug)]
-struct ServiceState {
-    id: u32,
-    flags: ServiceFlags,
-    backends: BTreeMap<BackendKey, (u32, Backend)>,
-    /// The table number in use (`None`: no table).
-    maglev_id: Option<u32>,
-    /// The content of that table, when this writer built it.
-    table: Option<Table>,
-    /// The `services` value last written (`None`: not in the kernel yet).
-    written: Option<ServiceValue>,
-}
-
 /// The writer of the services, backends and Maglev maps of one node.
 pub struct LoadBalancer {
     services_map: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends_map: BpfHashMap<MapData, u32, BackendValue>,
     maglev_map: Array<MapData, u32>,
-    size: TableSize,
-    tables: u32,
-    services: HashMap<Frontend, ServiceState>,
-    free_tables: BTreeSet<u32>,
-    backend_ids: HashSet<u32>,
-    service_ids: HashSet<u32>,
-    next_backend_id: u32,
-    next_service_id: u32,
+    book: Book,
 }
 
 impl fmt::Debug for LoadBalancer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoadBalancer")
-            .field("table_size", &self.size)
-            .field("tables", &self.tables)
-            .field("free_tables", &self.free_tables.len())
-            .field("services", &self.services)
+            .field("table_size", &self.book.size)
+            .field("tables", &self.book.tables)
+            .field("free_tables", &self.book.free_tables.len())
+            .field("services", &self.book.services)
             .finish_non_exhaustive()
     }
 }
@@ -306,18 +298,6 @@ fn backend_value(key: &BackendKey, b: &Backend, service_id: u32) -> BackendValue
     }
 }
 
-/// Next id after `*next` not in `used` (never 0).
-fn allocate(next: &mut u32, used: &mut HashSet<u32>, what: &'static str) -> Result<u32, Error> {
-    for _ in 0..=used.len() {
-        let id = (*next).max(1);
-        *next = id.wrapping_add(1);
-        if used.insert(id) {
-            return Ok(id);
-        }
-    }
-    Err(Error::IdsExhausted { what })
-}
-
 impl LoadBalancer {
     /// Opens the pinned maps under `bpffs_dir` (the datapath must have been
     /// loaded there) and adopts the services they hold.
@@ -365,7 +345,6 @@ impl LoadBalancer {
             );
         }
         let mut orphans = Vec::new();
-        let mut backend_ids = HashSet::new();
         for item in backends_map.iter() {
             let (id, v) = item.map_err(|e| op_error(BACKENDS, "iterate", "", e))?;
             let state = by_id
@@ -386,42 +365,27 @@ impl LoadBalancer {
                 ..Backend::new(addr, v.cluster_id)
             };
             state.backends.insert(key, (id, backend));
-            backend_ids.insert(id);
         }
         for id in orphans {
-            match backends_map.remove(&id) {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(op_error(BACKENDS, "remove", id, e)),
-            }
+            remove_backend(&mut backends_map, id)?;
         }
-        let used_tables: HashSet<u32> = services.values().filter_map(|s| s.maglev_id).collect();
-        let service_ids: HashSet<u32> = services.values().map(|s| s.id).collect();
-        let next_backend_id = backend_ids.iter().max().map_or(1, |m| m.wrapping_add(1));
-        let next_service_id = service_ids.iter().max().map_or(1, |m| m.wrapping_add(1));
+        let book = Book::new(size, tables, services);
         tracing::debug!(
-            services = services.len(),
-            backends = backend_ids.len(),
+            services = book.services.len(),
+            backends = book.backend_ids.len(),
             "load balancer adopted the pinned maps"
         );
         Ok(Self {
             services_map,
             backends_map,
             maglev_map,
-            size,
-            tables,
-            services,
-            free_tables: (0..tables).filter(|t| !used_tables.contains(t)).collect(),
-            backend_ids,
-            service_ids,
-            next_backend_id,
-            next_service_id,
+            book,
         })
     }
 
     /// Slots per Maglev table.
     pub fn table_size(&self) -> TableSize {
-        self.size
+        self.book.size
     }
 
     /// Makes the maps hold exactly this service: `backends` is the full
@@ -432,204 +396,61 @@ impl LoadBalancer {
     ///
     /// [`Error::FamilyMismatch`], [`Error::ZeroPort`] and [`Error::Maglev`]
     /// (duplicate backend, zero weight, more backends than slots) for a bad
-    /// request, before anything is written; [`Error::TablesExhausted`],
-    /// [`Error::IdsExhausted`] or [`Error::Map`] when the maps cannot take
-    /// it. After a map error packets still see a consistent service (the
-    /// old one, or the new one with surplus backends); call again to finish.
+    /// request, and [`Error::TablesExhausted`] or [`Error::IdsExhausted`]
+    /// when the maps cannot take it, before anything is written;
+    /// [`Error::Map`] when a write fails. After a map error packets still see
+    /// a consistent service (the old one, or the new one with surplus
+    /// backends); call again to finish.
     pub fn set_service(
         &mut self,
         frontend: Frontend,
         flags: ServiceFlags,
         backends: &[Backend],
     ) -> Result<ServiceUpdate, Error> {
-        let desired = self.validate(&frontend, backends)?;
-        let members = table_members(&desired);
-        // Fail before writing anything when the table cannot be built.
-        let unchanged = self.services.get(&frontend).is_some_and(|s| {
-            s.table.as_ref().map(Table::members) == Some(&members[..])
-                && (s.maglev_id.is_some() || members.is_empty())
-        });
-        let table = if unchanged || members.is_empty() {
-            None
-        } else {
-            Some(
-                maglev::build(self.size, &members)
-                    .map_err(|source| Error::Maglev { frontend, source })?,
-            )
-        };
-
-        if !self.services.contains_key(&frontend) {
-            let id = allocate(&mut self.next_service_id, &mut self.service_ids, "service")?;
-            self.services.insert(
-                frontend,
-                ServiceState {
-                    id,
-                    flags,
-                    backends: BTreeMap::new(),
-                    maglev_id: None,
-                    table: None,
-                    written: None,
-                },
-            );
+        let mut plan = self.book.plan(frontend, flags, backends)?;
+        self.book.begin(&plan);
+        let steps = std::mem::take(&mut plan.steps);
+        for step in &steps {
+            self.perform(&plan, step)?;
+            self.book.record(&mut plan, step);
         }
-        let state = self.services.get_mut(&frontend).expect("inserted above");
-        let service_id = state.id;
-
-        // 1. Backends: new ones get ids, changed ones are rewritten.
-        let mut added = 0;
-        for (key, backend) in &desired {
-            let known = state.backends.get(key).copied();
-            let id = match known {
-                Some((_, old)) if old == *backend => continue,
-                Some((id, old)) if old.state == backend.state => {
-                    // Weight or preference only: nothing the kernel stores.
-                    state.backends.insert(*key, (id, *backend));
-                    continue;
-                }
-                Some((id, _)) => id,
-                None => {
-                    added += 1;
-                    allocate(&mut self.next_backend_id, &mut self.backend_ids, "backend")?
-                }
-            };
-            let value = backend_value(key, backend, service_id);
-            if let Err(e) = self.backends_map.insert(id, value, 0) {
-                if known.is_none() {
-                    self.backend_ids.remove(&id);
-                }
-                return Err(op_error(BACKENDS, "insert", key, e));
-            }
-            state.backends.insert(*key, (id, *backend));
-        }
-
-        // 2. The table, into a free slot of the maglev array.
-        let mut rebuilt = false;
-        let mut new_maglev_id = state.maglev_id;
-        if let Some(table) = table {
-            let slot = *self.free_tables.first().ok_or(Error::TablesExhausted {
-                tables: self.tables,
-            })?;
-            let ids: Vec<u32> = table
-                .members()
-                .iter()
-                .map(|m| state.backends[&m.key].0)
-                .collect();
-            let base = slot * self.size.get();
-            for (i, &member) in table.slots().iter().enumerate() {
-                let index = base + i as u32;
-                self.maglev_map
-                    .set(index, ids[member as usize], 0)
-                    .map_err(|e| op_error(MAGLEV, "set", index, e))?;
-            }
-            self.free_tables.remove(&slot);
-            new_maglev_id = Some(slot);
-            state.table = Some(table);
-            rebuilt = true;
-        } else if members.is_empty() {
-            new_maglev_id = None;
-            state.table = Some(Table::default());
-        }
-
-        // 3. The service entry: one update switches packets over.
-        let value = ServiceValue {
-            service_id,
-            backend_count: members.len() as u32,
-            maglev_id: new_maglev_id.unwrap_or(MAGLEV_NO_TABLE),
-            flags: flags.bits(),
-        };
-        if state.written != Some(value) {
-            if let Err(e) = self.services_map.insert(service_key(&frontend), value, 0) {
-                if rebuilt {
-                    // The new table was never used: give it back.
-                    if let Some(t) = new_maglev_id {
-                        self.free_tables.insert(t);
-                    }
-                    state.table = None;
-                }
-                return Err(op_error(SERVICES, "insert", frontend, e));
-            }
-            state.written = Some(value);
-        }
-        state.flags = flags;
-
-        // 4. Free the old table, delete backends no longer wanted.
-        if state.maglev_id != new_maglev_id {
-            if let Some(old) = state.maglev_id {
-                self.free_tables.insert(old);
-            }
-            state.maglev_id = new_maglev_id;
-        }
-        let stale: Vec<(BackendKey, u32)> = state
-            .backends
-            .iter()
-            .filter(|(k, _)| !desired.contains_key(k))
-            .map(|(k, (id, _))| (*k, *id))
-            .collect();
-        for (key, id) in &stale {
-            remove_backend(&mut self.backends_map, *id)?;
-            state.backends.remove(key);
-            self.backend_ids.remove(id);
-        }
+        let update = self.book.finish(&plan, &steps);
         tracing::debug!(
             %frontend,
-            service_id,
-            members = members.len(),
-            rebuilt,
-            added,
-            removed = stale.len(),
+            service_id = update.service_id,
+            members = update.table_members,
+            rebuilt = update.table_rebuilt,
+            added = update.backends_added,
+            removed = update.backends_removed,
             "service written"
         );
-        Ok(ServiceUpdate {
-            service_id,
-            table_members: members.len(),
-            table_rebuilt: rebuilt,
-            backends_added: added,
-            backends_removed: stale.len(),
-        })
+        Ok(update)
     }
 
-    fn validate(
-        &self,
-        frontend: &Frontend,
-        backends: &[Backend],
-    ) -> Result<BTreeMap<BackendKey, Backend>, Error> {
-        if frontend.addr.port() == 0 {
-            return Err(Error::ZeroPort {
-                frontend: *frontend,
-                addr: frontend.addr,
-            });
+    /// Makes one map write of `plan`.
+    fn perform(&mut self, plan: &Plan, step: &Step) -> Result<(), Error> {
+        match step {
+            Step::PutBackend {
+                id, key, backend, ..
+            } => self
+                .backends_map
+                .insert(id, backend_value(key, backend, plan.service_id), 0)
+                .map_err(|e| op_error(BACKENDS, "insert", key, e)),
+            Step::WriteTable { slot, ids } => {
+                let base = slot * self.book.size.get();
+                for (index, &id) in (base..).zip(ids) {
+                    self.maglev_map
+                        .set(index, id, 0)
+                        .map_err(|e| op_error(MAGLEV, "set", index, e))?;
+                }
+                Ok(())
+            }
+            Step::PutService(value) => self
+                .services_map
+                .insert(service_key(&plan.frontend), value, 0)
+                .map_err(|e| op_error(SERVICES, "insert", plan.frontend, e)),
+            Step::DeleteBackend { id, .. } => remove_backend(&mut self.backends_map, *id),
         }
-        let mut desired = BTreeMap::new();
-        for b in backends {
-            if b.addr.is_ipv4() != frontend.addr.is_ipv4() {
-                return Err(Error::FamilyMismatch {
-                    frontend: *frontend,
-                    backend: b.addr,
-                });
-            }
-            if b.addr.port() == 0 {
-                return Err(Error::ZeroPort {
-                    frontend: *frontend,
-                    addr: b.addr,
-                });
-            }
-            let key = BackendKey {
-                cluster_id: b.cluster_id,
-                addr: b.addr,
-                proto: frontend.proto,
-            };
-            let bad = |source| Error::Maglev {
-                frontend: *frontend,
-                source,
-            };
-            if b.weight == 0 {
-                return Err(bad(maglev::Error::ZeroWeight(key)));
-            }
-            if desired.insert(key, *b).is_some() {
-                return Err(bad(maglev::Error::DuplicateBackend(key)));
-            }
-        }
-        Ok(desired)
     }
 
     /// Removes a service: its entry first (new packets to the frontend are
@@ -640,7 +461,7 @@ impl LoadBalancer {
     ///
     /// [`Error::Map`] when a map operation fails.
     pub fn remove_service(&mut self, frontend: Frontend) -> Result<bool, Error> {
-        let Some(state) = self.services.get_mut(&frontend) else {
+        let Some(state) = self.book.services.get_mut(&frontend) else {
             return Ok(false);
         };
         match self.services_map.remove(&service_key(&frontend)) {
@@ -649,38 +470,34 @@ impl LoadBalancer {
             Err(e) => return Err(op_error(SERVICES, "remove", frontend, e)),
         }
         state.written = None;
-        while let Some((key, (id, _))) = state.backends.pop_first() {
-            if let Err(e) = remove_backend(&mut self.backends_map, id) {
-                state
-                    .backends
-                    .insert(key, (id, Backend::new(key.addr, key.cluster_id)));
-                return Err(e);
-            }
-            self.backend_ids.remove(&id);
+        let backends: Vec<(BackendKey, u32)> = state
+            .backends
+            .iter()
+            .map(|(k, (id, _))| (*k, *id))
+            .collect();
+        for (key, id) in backends {
+            remove_backend(&mut self.backends_map, id)?;
+            self.book.forget_backend(&frontend, &key);
         }
-        let state = self.services.remove(&frontend).expect("looked up above");
-        if let Some(t) = state.maglev_id {
-            self.free_tables.insert(t);
-        }
-        self.service_ids.remove(&state.id);
+        self.book.forget(&frontend);
         Ok(true)
     }
 
     /// One service.
     pub fn service(&self, frontend: &Frontend) -> Option<ServiceView<'_>> {
-        self.services.get(frontend).map(view)
+        self.book.services.get(frontend).map(view)
     }
 
     /// Every service, in no particular order.
     pub fn services(&self) -> impl Iterator<Item = (Frontend, ServiceView<'_>)> + '_ {
-        self.services.iter().map(|(f, s)| (*f, view(s)))
+        self.book.services.iter().map(|(f, s)| (*f, view(s)))
     }
 
     /// The backend the datapath picks for a *new* flow from `client` to
     /// `frontend` (existing flows keep theirs), from the table this writer
     /// built; `None` without one.
     pub fn backend_for(&self, frontend: &Frontend, client: SocketAddr) -> Option<BackendKey> {
-        let table = self.services.get(frontend)?.table.as_ref()?;
+        let table = self.book.services.get(frontend)?.table.as_ref()?;
         table
             .lookup(flow_hash(client, frontend.addr, frontend.proto))
             .copied()
@@ -702,23 +519,6 @@ fn remove_backend(map: &mut BpfHashMap<MapData, u32, BackendValue>, id: u32) -> 
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(op_error(BACKENDS, "remove", id, e)),
     }
-}
-
-/// Active backends, only the preferred ones if any active one is, sorted.
-fn table_members(desired: &BTreeMap<BackendKey, Backend>) -> Vec<Member> {
-    let active = || {
-        desired
-            .iter()
-            .filter(|(_, b)| b.state == BackendState::Active)
-    };
-    let any_preferred = active().any(|(_, b)| b.preferred);
-    active()
-        .filter(|(_, b)| b.preferred || !any_preferred)
-        .map(|(k, b)| Member {
-            key: *k,
-            weight: b.weight,
-        })
-        .collect()
 }
 
 fn murmur_step(h: u32, k: u32) -> u32 {
