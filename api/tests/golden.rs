@@ -1,4 +1,4 @@
-//! Golden tests: every example of the kvstore schema (DESIGN.md section 3,
+//! Golden tests: every example of the kvstore schema (`docs/architecture.md` §4,
 //! fixtures under `tests/fixtures/`) decodes, validates and encodes back to
 //! equal JSON; values Cilium writes with its Go encoder are read as well.
 

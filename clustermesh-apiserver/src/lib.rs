@@ -1,5 +1,5 @@
 //! The clustermesh-apiserver: the single writer of one cluster's state into
-//! that cluster's etcd, in the Cilium clustermesh schema (DESIGN.md section 3).
+//! that cluster's etcd, in the Cilium clustermesh schema (`docs/architecture.md` §4).
 //!
 //! The state comes from a *local source* ([`source`]): one trait,
 //! [`source::LocalSource`], with one implementation built so far, the

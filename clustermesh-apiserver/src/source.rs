@@ -1,5 +1,5 @@
 //! Local sources: where this cluster's nodes, endpoints and services come
-//! from (DESIGN.md section 2, item 1).
+//! from (`docs/architecture.md` §3, step 1).
 //!
 //! Two sources are planned behind one trait, [`LocalSource`]:
 //!

@@ -1,7 +1,7 @@
 //! Test harness shared by the mesh's crates.
 //!
-//! Integration tests in this workspace run against real components (DESIGN.md
-//! section 7): a real etcd on a free loopback port, real netlink in a private
+//! Integration tests in this workspace run against real components (`docs/architecture.md`
+//! §9): a real etcd on a free loopback port, real netlink in a private
 //! namespace. This crate holds the pieces every such test needs, so that each
 //! crate's tests read as scenarios rather than plumbing:
 //!

@@ -1,8 +1,8 @@
 //! The node's WireGuard key pair.
 //!
 //! A node keeps one static Curve25519 key pair for its whole life: the public
-//! half is published in the node record (`WireguardPubKey`, base64, DESIGN.md
-//! section 3) and every remote node configures it as a peer, so a key that
+//! half is published in the node record (`WireguardPubKey`, base64, `docs/architecture.md`
+//! §4) and every remote node configures it as a peer, so a key that
 //! changed on every agent restart would force every peer in the mesh to be
 //! rewritten. The private half is therefore generated once and stored in a
 //! file readable only by its owner (mode 0600) under the agent's state dir,

@@ -16,7 +16,7 @@
 //!
 //! The MAC is stable, derived from the node's identity by [`stable_mac`]: the
 //! inner destination MAC of a VXLAN frame must be the receiving device's MAC or
-//! the kernel drops the frame (PLATFORM.md), so a MAC that changed on every
+//! the kernel drops the frame (`docs/architecture.md` §7), so a MAC that changed on every
 //! restart would have to be re-announced to every remote node.
 
 use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};

@@ -1,4 +1,4 @@
-//! The records of the kvstore schema (DESIGN.md section 3) and their
+//! The records of the kvstore schema (`docs/architecture.md` §4) and their
 //! validation.
 //!
 //! Each record has a typed public struct and a private wire struct that

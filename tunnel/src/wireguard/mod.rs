@@ -7,7 +7,7 @@
 //!   and its peers outlive the agent; a restarted agent adopts both.
 //! * **userspace**: elsewhere, boringtun (its `device` module) on a TUN device
 //!   in the calling thread's network namespace, with one event thread
-//!   (`n_threads = 1` was fastest on small machines, PLATFORM.md). It is
+//!   (`n_threads = 1` was fastest on small machines, `docs/architecture.md` §7). It is
 //!   configured through the WireGuard UAPI over a private socketpair (see
 //!   [`uapi`] for why not the `/var/run/wireguard` socket). The TUN device is
 //!   persistent (see `tun.rs`), so the interface, its addresses and routes
