@@ -260,6 +260,8 @@ enum EndpointPuts {
 struct GatedRegistry {
     memory: MemoryBackend,
     puts: Arc<std::sync::Mutex<EndpointPuts>>,
+    /// Refuse every delete of a persisted registry record.
+    refuse_deletes: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GatedRegistry {
@@ -314,6 +316,13 @@ impl kvstore::KvWrite for GatedRegistry {
     }
 
     async fn delete(&self, key: &str) -> Result<bool, kvstore::BackendError> {
+        if key.starts_with(&persist::prefix("c1"))
+            && self
+                .refuse_deletes
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(kvstore::BackendError::Unavailable);
+        }
         self.memory.delete(key).await
     }
 }
@@ -361,6 +370,7 @@ async fn endpoint_export_does_not_wait_for_the_persist_and_is_undone_when_it_fai
     let gated = GatedRegistry {
         memory: memory.clone(),
         puts: Arc::new(std::sync::Mutex::new(EndpointPuts::Pass)),
+        refuse_deletes: Arc::default(),
     };
     let registry = Registry::open(
         Arc::new(gated.clone()),
@@ -440,4 +450,75 @@ async fn endpoint_export_does_not_wait_for_the_persist_and_is_undone_when_it_fai
         .expect("the export to settle");
     assert_eq!(exported_identity(&memory, "10.1.1.5"), Some(db));
     assert_eq!(exported_identity(&memory, "fd00:1::6"), Some(db));
+}
+
+/// A delete that etcd refuses changes nothing: the record stays in the
+/// table, in the persisted state and in the export, so what the apiserver
+/// serves never differs from what it would restore after a restart.
+#[tokio::test]
+async fn a_refused_delete_leaves_the_record_registered_and_exported() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let memory = MemoryBackend::new();
+    let gated = GatedRegistry {
+        memory: memory.clone(),
+        puts: Arc::new(std::sync::Mutex::new(EndpointPuts::Pass)),
+        refuse_deletes: Arc::default(),
+    };
+    let registry = Registry::open(
+        Arc::new(gated.clone()),
+        Arc::new(memory.clone()),
+        &config(),
+        &SyncStoreConfig::default(),
+    )
+    .await
+    .unwrap();
+    let owner = Owner::Source;
+    registry
+        .upsert_node(&owner, node("n1", "10.1.1.0/24"))
+        .await
+        .unwrap();
+    let web = registry
+        .upsert_endpoint(&owner, endpoint_with("web-1", &["10.1.1.5"], "web"))
+        .await
+        .unwrap()
+        .identity;
+    registry.upsert_service(&owner, service()).await.unwrap();
+    registry.synced().await;
+
+    gated.refuse_deletes.store(true, Relaxed);
+    let key = ObjectKey::new("default", "web-1");
+    let refused = [
+        registry.delete_endpoint(&owner, &key).await.map(|_| ()),
+        registry.delete_node(&owner, "n1").await.map(|_| ()),
+        registry
+            .delete_service(&owner, &ObjectKey::new("default", "web"))
+            .await
+            .map(|_| ()),
+    ];
+    for result in refused {
+        assert!(
+            matches!(result, Err(RegistryError::Persist(_))),
+            "{result:?}"
+        );
+    }
+    tokio::time::timeout(DEADLINE, registry.exporter().wait_idle())
+        .await
+        .expect("the export to settle");
+    assert_eq!(exported_identity(&memory, "10.1.1.5"), Some(web));
+    {
+        let table = registry.read().await;
+        assert!(table.endpoint(&key).is_some(), "the endpoint is kept");
+        assert!(table.node("n1").is_some(), "the node is kept");
+        assert_eq!(table.services().count(), 1, "the service is kept");
+    }
+
+    gated.refuse_deletes.store(false, Relaxed);
+    assert!(registry.delete_node(&owner, "n1").await.unwrap());
+    tokio::time::timeout(DEADLINE, registry.exporter().wait_idle())
+        .await
+        .expect("the export to settle");
+    assert_eq!(exported_identity(&memory, "10.1.1.5"), None);
+    let table = registry.read().await;
+    assert!(table.endpoint(&key).is_none());
+    assert!(table.node("n1").is_none());
 }

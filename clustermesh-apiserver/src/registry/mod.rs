@@ -598,27 +598,30 @@ impl Registry {
         self.publish(table, &dirty);
     }
 
+    // The removals below delete the persisted record first and change the
+    // table only once etcd took the delete: a refused delete leaves the
+    // record registered and exported, as it would be restored on a restart.
+
     async fn remove_node(&self, table: &mut Table, name: &str) -> Result<bool, RegistryError> {
-        let existed = table.node(name).is_some();
-        let (dirty, removed) = table.remove_node(name);
-        for entry in &removed {
-            self.0
-                .persistence
-                .delete_endpoint(&entry.spec.key())
-                .await
-                .map_err(|e| self.persist_failed(e))?;
-            self.0
-                .allocator
-                .release(&self.labels_of(&entry.spec)?)
-                .await;
+        if table.node(name).is_none() {
+            return Ok(false);
+        }
+        let on_node: Vec<ObjectKey> = table
+            .endpoints()
+            .filter(|e| e.spec.node == name)
+            .map(|e| e.spec.key())
+            .collect();
+        for key in on_node {
+            self.remove_endpoint(table, &key).await?;
         }
         self.0
             .persistence
             .delete_node(name)
             .await
             .map_err(|e| self.persist_failed(e))?;
+        let (dirty, _) = table.remove_node(name);
         self.publish(table, &dirty);
-        Ok(existed)
+        Ok(true)
     }
 
     async fn remove_endpoint(
@@ -626,20 +629,22 @@ impl Registry {
         table: &mut Table,
         key: &ObjectKey,
     ) -> Result<bool, RegistryError> {
-        let (dirty, removed) = table.delete_endpoint(key);
-        let Some(entry) = removed else {
+        if table.endpoint(key).is_none() {
             return Ok(false);
-        };
+        }
         self.0
             .persistence
             .delete_endpoint(key)
             .await
             .map_err(|e| self.persist_failed(e))?;
-        self.0
-            .allocator
-            .release(&self.labels_of(&entry.spec)?)
-            .await;
+        let (dirty, removed) = table.delete_endpoint(key);
         self.publish(table, &dirty);
+        if let Some(entry) = removed {
+            self.0
+                .allocator
+                .release(&self.labels_of(&entry.spec)?)
+                .await;
+        }
         Ok(true)
     }
 
@@ -648,15 +653,17 @@ impl Registry {
         table: &mut Table,
         key: &ObjectKey,
     ) -> Result<bool, RegistryError> {
-        let Some(dirty) = table.delete_service(key) else {
+        if table.service(key).is_none() {
             return Ok(false);
-        };
+        }
         self.0
             .persistence
             .delete_service(key)
             .await
             .map_err(|e| self.persist_failed(e))?;
-        self.publish(table, &dirty);
+        if let Some(dirty) = table.delete_service(key) {
+            self.publish(table, &dirty);
+        }
         Ok(true)
     }
 

@@ -133,6 +133,10 @@ impl Table {
         self.services.values()
     }
 
+    pub fn service(&self, key: &ObjectKey) -> Option<&ServiceSpec> {
+        self.services.get(key)
+    }
+
     /// All IPs that have at least one claim.
     pub fn claimed_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.claims.keys().copied()
