@@ -45,17 +45,8 @@ async fn through_apiserver() -> (Duration, Vec<(String, Vec<u8>)>) {
     let mut client = RegistryClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    let mut session = client
-        .open_session(pb::OpenSessionRequest {
-            node_name: "n1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let session_id = mesh_proto::session_opened(&mut session)
-        .await
-        .unwrap()
-        .session_id;
+    let (opened, session) = mesh_proto::open_session(&mut client, "n1").await.unwrap();
+    let session_id = opened.session_id;
     client
         .register_node(pb::RegisterNodeRequest {
             session_id: session_id.clone(),

@@ -435,24 +435,13 @@ impl Harness {
             }
             "open" => {
                 let (s, node) = rest.split_once(' ').expect("open S NODE");
-                match self
-                    .client()
-                    .open_session(pb::OpenSessionRequest {
-                        node_name: node.to_owned(),
-                    })
+                let mut client = self.client();
+                mesh_proto::open_session(&mut client, node)
                     .await
-                {
-                    Ok(resp) => {
-                        let mut stream = resp.into_inner();
-                        let opened = mesh_proto::session_opened(&mut stream)
-                            .await
-                            .unwrap_or_else(|e| panic!("{}: open session: {e}", self.name));
+                    .map(|(opened, stream)| {
                         self.sessions
                             .insert(s.to_owned(), (opened.session_id, stream));
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                }
+                    })
             }
             "close" => {
                 self.sessions.remove(rest);

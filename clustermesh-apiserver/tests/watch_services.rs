@@ -97,17 +97,8 @@ async fn watch_services_sends_a_snapshot_per_change() {
     );
 
     // An endpoint the selector matches: a new snapshot with it as backend.
-    let mut session = client
-        .open_session(pb::OpenSessionRequest {
-            node_name: "n1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let sid = mesh_proto::session_opened(&mut session)
-        .await
-        .unwrap()
-        .session_id;
+    let (opened, session) = mesh_proto::open_session(&mut client, "n1").await.unwrap();
+    let sid = opened.session_id;
     client
         .register_node(pb::RegisterNodeRequest {
             session_id: sid.clone(),

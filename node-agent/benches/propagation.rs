@@ -41,8 +41,7 @@ use std::{
 
 use futures::StreamExt as _;
 use mesh_proto::v1::{
-    registry_client::RegistryClient, Endpoint, Node, OpenSessionRequest, RegisterNodeRequest,
-    UpsertEndpointRequest,
+    registry_client::RegistryClient, Endpoint, Node, RegisterNodeRequest, UpsertEndpointRequest,
 };
 use nix::sched::CloneFlags;
 
@@ -250,17 +249,10 @@ async fn run() {
     let mut client = RegistryClient::connect(format!("http://{}", lab.a.apiserver))
         .await
         .expect("connect apiserver of c1");
-    let mut session = client
-        .open_session(OpenSessionRequest {
-            node_name: "bench-node".into(),
-        })
+    let (opened, mut session) = mesh_proto::open_session(&mut client, "bench-node")
         .await
-        .expect("open session")
-        .into_inner();
-    let session_id = mesh_proto::session_opened(&mut session)
-        .await
-        .expect("open session")
-        .session_id;
+        .expect("open session");
+    let session_id = opened.session_id;
     tokio::spawn(async move { while let Some(Ok(_)) = session.next().await {} });
     client
         .register_node(RegisterNodeRequest {

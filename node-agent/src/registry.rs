@@ -17,8 +17,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use kvstore::retry::Backoff;
 use mesh_proto::v1::{
-    registry_client::RegistryClient, DeleteEndpointRequest, Endpoint, Node, OpenSessionRequest,
-    RegisterNodeRequest, UpsertEndpointRequest,
+    registry_client::RegistryClient, DeleteEndpointRequest, Endpoint, Node, RegisterNodeRequest,
+    UpsertEndpointRequest,
 };
 use tokio::sync::{watch, Mutex};
 use tonic::transport::Channel;
@@ -266,23 +266,16 @@ impl SessionTask {
                 source: tonic::Status::unavailable(e.to_string()),
             })?;
         let mut client = RegistryClient::new(channel);
-        let mut stream = client
-            .open_session(OpenSessionRequest {
-                node_name: self.node.name.clone(),
-            })
-            .await
-            .map_err(|source| RegistryError::Rpc {
-                op: "OpenSession",
-                source,
-            })?
-            .into_inner();
-        let opened = tokio::time::timeout(RPC_TIMEOUT, mesh_proto::session_opened(&mut stream))
-            .await
-            .map_err(|_| RegistryError::Timeout("OpenSession"))?
-            .map_err(|source| RegistryError::Rpc {
-                op: "OpenSession",
-                source,
-            })?;
+        let (opened, mut stream) = tokio::time::timeout(
+            RPC_TIMEOUT,
+            mesh_proto::open_session(&mut client, &self.node.name),
+        )
+        .await
+        .map_err(|_| RegistryError::Timeout("OpenSession"))?
+        .map_err(|source| RegistryError::Rpc {
+            op: "OpenSession",
+            source,
+        })?;
         let session = Session {
             client: client.clone(),
             id: opened.session_id,

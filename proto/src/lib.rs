@@ -47,25 +47,32 @@ pub mod v1 {
     tonic::include_proto!("mesh.v1");
 }
 
-/// Reads the first message of an `OpenSession` stream: the session id that
-/// `RegisterNode`, `UpsertEndpoint` and `DeleteEndpoint` take, and whether the
-/// session took over a previous one of the same node.
+/// Opens a registration session for `node_name` and reads its first message:
+/// the session id that `RegisterNode`, `UpsertEndpoint` and `DeleteEndpoint`
+/// take, and whether the session took over a previous one of the same node.
 ///
-/// The stream must then be kept open (and drained of keepalives): the session
-/// lives exactly as long as it.
+/// The returned stream must then be kept open (and drained of keepalives):
+/// the session lives exactly as long as it.
 ///
 /// # Errors
 ///
-/// The stream's own error, or `Status::internal` when it ends before its first
-/// message or the first message is not `opened` (a server that does not speak
-/// this protocol).
-pub async fn session_opened(
-    stream: &mut tonic::Streaming<v1::SessionEvent>,
-) -> Result<v1::SessionOpened, tonic::Status> {
+/// The call's or the stream's own error, or `Status::internal` when the
+/// stream ends before its first message or the first message is not
+/// `opened` (a server that does not speak this protocol).
+pub async fn open_session(
+    client: &mut v1::registry_client::RegistryClient<tonic::transport::Channel>,
+    node_name: &str,
+) -> Result<(v1::SessionOpened, tonic::Streaming<v1::SessionEvent>), tonic::Status> {
+    let mut stream = client
+        .open_session(v1::OpenSessionRequest {
+            node_name: node_name.to_owned(),
+        })
+        .await?
+        .into_inner();
     match stream.message().await? {
         Some(v1::SessionEvent {
             event: Some(v1::session_event::Event::Opened(opened)),
-        }) => Ok(opened),
+        }) => Ok((opened, stream)),
         Some(_) => Err(tonic::Status::internal(
             "the first session message is not `opened`",
         )),

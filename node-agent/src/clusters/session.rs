@@ -387,29 +387,10 @@ mod tests {
         use kvstore::KvWrite as _;
         let backend = Arc::new(kvstore::MemoryBackend::new());
         let name: ClusterName = "c2".parse().unwrap();
-        let max = api::MaxConnectedClusters::Max255;
-        let id = api::ClusterId::new(2, max).unwrap();
-        let mut config = api::ClusterConfig::new(id, max, false);
-        config.capabilities.synced_canaries = false;
-        backend
-            .put(&ClusterConfig::key(&name), &config.encode(), None)
-            .await
-            .unwrap();
+        let id = put_c2_config(&backend, |_| {}).await;
         let ctx = memory_context(&backend);
-        let task = ctx.spawn_cluster(
-            "c2".parse().unwrap(),
-            EtcdSource::Endpoints(Vec::new()),
-            false,
-        );
-        let deadline = Duration::from_secs(10);
-        let stores = testkit::wait_for(deadline, "c2's stores synced", || async {
-            ctx.mesh
-                .snapshot()
-                .get("c2")
-                .and_then(|e| e.current.clone())
-                .filter(|s| s.synced().all())
-        })
-        .await;
+        let (task, stores) = spawn_synced_c2(&ctx).await;
+        let deadline = DEADLINE;
         testkit::eventually!(deadline, "a full pass asked for by Synced", {
             stores.changes.take().full
         });
@@ -476,6 +457,48 @@ mod tests {
             .unwrap_or_default()
     }
 
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// c2's ID and its cluster config (no canaries unless `tweak` says so).
+    async fn put_c2_config(
+        backend: &kvstore::MemoryBackend,
+        tweak: impl FnOnce(&mut api::ClusterConfig),
+    ) -> ClusterId {
+        use kvstore::KvWrite as _;
+        let max = MaxConnectedClusters::Max255;
+        let id = ClusterId::new(2, max).unwrap();
+        let mut config = api::ClusterConfig::new(id, max, false);
+        config.capabilities.synced_canaries = false;
+        tweak(&mut config);
+        backend
+            .put(
+                &ClusterConfig::key(&"c2".parse().unwrap()),
+                &config.encode(),
+                None,
+            )
+            .await
+            .unwrap();
+        id
+    }
+
+    /// Starts c2's task and waits until its stores are synced.
+    async fn spawn_synced_c2(ctx: &Context) -> (JoinHandle<()>, Arc<ClusterStores>) {
+        let task = ctx.spawn_cluster(
+            "c2".parse().unwrap(),
+            EtcdSource::Endpoints(Vec::new()),
+            false,
+        );
+        let stores = testkit::wait_for(DEADLINE, "c2's stores synced", || async {
+            ctx.mesh
+                .snapshot()
+                .get("c2")
+                .and_then(|e| e.current.clone())
+                .filter(|s| s.synced().all())
+        })
+        .await;
+        (task, stores)
+    }
+
     /// An etcd with `cilium/.has-cluster-config` but no config yet: the task
     /// says it waits, and connects as soon as the config is written.
     #[tokio::test]
@@ -492,7 +515,7 @@ mod tests {
             EtcdSource::Endpoints(Vec::new()),
             false,
         );
-        let deadline = Duration::from_secs(10);
+        let deadline = DEADLINE;
         testkit::eventually!(deadline, "the status to say it waits for the config", {
             status_of(&ctx, "c2")
                 .status
@@ -503,17 +526,7 @@ mod tests {
             0,
             "waiting is no failure"
         );
-        let max = api::MaxConnectedClusters::Max255;
-        let mut config = api::ClusterConfig::new(api::ClusterId::new(2, max).unwrap(), max, false);
-        config.capabilities.synced_canaries = false;
-        backend
-            .put(
-                &ClusterConfig::key(&"c2".parse().unwrap()),
-                &config.encode(),
-                None,
-            )
-            .await
-            .unwrap();
+        put_c2_config(&backend, |_| {}).await;
         testkit::eventually!(deadline, "c2 connected and synced", {
             status_of(&ctx, "c2").ready
         });
@@ -529,16 +542,13 @@ mod tests {
         use kvstore::KvWrite as _;
         let backend = Arc::new(kvstore::MemoryBackend::new());
         let name: ClusterName = "c2".parse().unwrap();
-        let max = api::MaxConnectedClusters::Max255;
-        let id = api::ClusterId::new(2, max).unwrap();
-        let mut config = api::ClusterConfig::new(id, max, false);
-        config.capabilities.cached = true;
-        config.capabilities.endpoint_slices_export_mode =
-            api::EndpointSlicesExportMode::EndpointSlicesOnly;
-        backend
-            .put(&ClusterConfig::key(&name), &config.encode(), None)
-            .await
-            .unwrap();
+        let id = put_c2_config(&backend, |config| {
+            config.capabilities.synced_canaries = true;
+            config.capabilities.cached = true;
+            config.capabilities.endpoint_slices_export_mode =
+                api::EndpointSlicesExportMode::EndpointSlicesOnly;
+        })
+        .await;
         for kind in ["nodes", "ip", "identities", "endpointslices"] {
             let canary = format!("cilium/synced/c2/cilium/cache/{kind}/v1");
             backend
@@ -585,20 +595,8 @@ mod tests {
             .await
             .unwrap();
         let ctx = memory_context(&backend);
-        let task = ctx.spawn_cluster(
-            "c2".parse().unwrap(),
-            EtcdSource::Endpoints(Vec::new()),
-            false,
-        );
-        let deadline = Duration::from_secs(10);
-        let stores = testkit::wait_for(deadline, "c2's stores synced", || async {
-            ctx.mesh
-                .snapshot()
-                .get("c2")
-                .and_then(|e| e.current.clone())
-                .filter(|s| s.synced().all())
-        })
-        .await;
+        let (task, stores) = spawn_synced_c2(&ctx).await;
+        let deadline = DEADLINE;
         let nodes: Vec<String> = stores.nodes.list().iter().map(|n| n.name.clone()).collect();
         assert_eq!(nodes, ["m1"], "only the cache layout is read");
         let exports = stores.services.exports(&stores.scope);
