@@ -598,26 +598,8 @@ fn a_pod_reaches_its_own_service() {
                     let peer = match proto {
                         Protocol::Tcp => {
                             let listener = TcpListener::bind(backend).map_err(|e| e.to_string())?;
-                            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
                             ready.send(()).ok();
-                            let deadline = Instant::now() + TIMEOUT;
-                            let (mut conn, peer) = loop {
-                                match listener.accept() {
-                                    Ok(c) => break c,
-                                    Err(e)
-                                        if e.kind() == std::io::ErrorKind::WouldBlock
-                                            && Instant::now() < deadline =>
-                                    {
-                                        std::thread::sleep(Duration::from_millis(10))
-                                    }
-                                    Err(e) => {
-                                        return Err(format!("accept within {TIMEOUT:?}: {e}"))
-                                    }
-                                }
-                            };
-                            conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-                            conn.set_read_timeout(Some(TIMEOUT))
-                                .map_err(|e| e.to_string())?;
+                            let (mut conn, peer) = traffic::accept_within(&listener)?;
                             let mut buf = [0u8; 5];
                             conn.read_exact(&mut buf).map_err(|e| e.to_string())?;
                             conn.write_all(&buf).map_err(|e| e.to_string())?;

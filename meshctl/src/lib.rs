@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod clustermesh;
+pub mod file;
 pub mod lab;
 pub mod netprobe;
 pub mod pki;

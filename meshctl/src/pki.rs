@@ -15,6 +15,7 @@
 //! `clustermesh connect` can issue a client certificate for a cluster that
 //! joins later.
 
+use crate::file::FileError;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::IpAddr;
@@ -39,16 +40,8 @@ pub enum PkiError {
         source: rcgen::Error,
     },
     /// Reading or writing a file failed.
-    #[error("cannot {action} {path}")]
-    Io {
-        /// `read` or `write`.
-        action: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::file::FileError),
     /// The CA files do not parse.
     #[error("cannot load the CA in {dir}: run `meshctl clustermesh enable` first")]
     LoadCa {
@@ -76,11 +69,7 @@ pub struct ClusterPki {
 }
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io {
-        action: "write",
-        path: path.to_owned(),
-        source,
-    };
+    let io = FileError::at("write", path);
     let mut file = OpenOptions::new()
         .create(true)
         .write(true)
@@ -88,15 +77,11 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
         .mode(mode)
         .open(path)
         .map_err(io)?;
-    file.write_all(contents.as_bytes()).map_err(io)
+    Ok(file.write_all(contents.as_bytes()).map_err(io)?)
 }
 
 fn read_file(path: &Path) -> Result<String, PkiError> {
-    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
-        action: "read",
-        path: path.to_owned(),
-        source,
-    })
+    Ok(std::fs::read_to_string(path).map_err(FileError::at("read", path))?)
 }
 
 impl ClusterPki {
@@ -144,11 +129,7 @@ impl ClusterPki {
     ///
     /// [`PkiError`].
     pub fn enable(&self, cluster: &str, server_ips: &[IpAddr]) -> Result<(), PkiError> {
-        std::fs::create_dir_all(&self.dir).map_err(|source| PkiError::Io {
-            action: "write",
-            path: self.dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&self.dir).map_err(FileError::at("write", &self.dir))?;
         if !self.exists() {
             let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|source| {
                 PkiError::Generate {
@@ -252,7 +233,7 @@ mod tests {
         let pki = ClusterPki::new(dir.path().join("c1"));
         assert!(matches!(
             pki.issue_client("c2"),
-            Err(PkiError::Io { action: "read", .. })
+            Err(PkiError::Io(FileError { action: "read", .. }))
         ));
         pki.enable("c1", &["192.168.1.1".parse().unwrap()]).unwrap();
         let ca_before = std::fs::read_to_string(pki.ca_cert()).unwrap();

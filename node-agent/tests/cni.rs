@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::ip;
+
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -123,16 +125,6 @@ fn remove_leftovers() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
-}
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn json(out: &Output) -> serde_json::Value {

@@ -88,6 +88,28 @@ where
     client_result.and(server_result)
 }
 
+/// Accepts one connection on `listener` within [`TIMEOUT`] (a client that
+/// never arrives is an error naming the address, never a hang), blocking,
+/// with a read timeout of [`TIMEOUT`].
+pub(crate) fn accept_within(listener: &TcpListener) -> Result<(TcpStream, SocketAddr), String> {
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + TIMEOUT;
+    let (conn, peer) = loop {
+        match listener.accept() {
+            Ok(c) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => return Err(format!("accept on {local} within {TIMEOUT:?}: {e}")),
+        }
+    };
+    conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    Ok((conn, peer))
+}
+
 pub(crate) fn tcp_echo(from: &Pod, to: &Pod, dst: IpAddr) -> Result<(), String> {
     let payload: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
     let expect = payload.clone();
@@ -97,24 +119,8 @@ pub(crate) fn tcp_echo(from: &Pod, to: &Pod, dst: IpAddr) -> Result<(), String> 
         move |ready| {
             let listener =
                 TcpListener::bind(SocketAddr::new(dst, 7001)).map_err(|e| e.to_string())?;
-            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
             ready.send(()).ok();
-            let deadline = Instant::now() + TIMEOUT;
-            let (mut conn, _) = loop {
-                match listener.accept() {
-                    Ok(c) => break c,
-                    Err(e)
-                        if e.kind() == std::io::ErrorKind::WouldBlock
-                            && Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    Err(e) => return Err(format!("accept on {dst}: {e}")),
-                }
-            };
-            conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-            conn.set_read_timeout(Some(TIMEOUT))
-                .map_err(|e| e.to_string())?;
+            let (mut conn, _) = accept_within(&listener)?;
             let mut buf = vec![0u8; 20_000];
             conn.read_exact(&mut buf)
                 .map_err(|e| format!("server read: {e}"))?;

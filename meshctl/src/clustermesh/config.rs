@@ -19,6 +19,7 @@
 //! temporary name starting with `.` and renamed, so an agent watching the
 //! directory never reads half a file.
 
+use crate::file::FileError;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -29,16 +30,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Reading or writing failed.
-    #[error("cannot {action} {path}")]
-    Io {
-        /// What was done.
-        action: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::file::FileError),
     /// The file is not a Cilium etcd config.
     #[error("{path} is not a Cilium-style etcd config (endpoints, trusted-ca-file, cert-file, key-file)")]
     Parse {
@@ -118,11 +111,7 @@ impl EtcdConfig {
     /// [`ConfigError`] when the file cannot be read, does not parse, has no
     /// endpoints, or names certificate files that do not exist.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            action: "read",
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(FileError::at("read", path))?;
         let mut config: Self =
             serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
                 path: path.to_owned(),
@@ -166,14 +155,7 @@ impl EtcdConfig {
     ///
     /// [`ConfigError::Io`].
     pub fn install(&self, dir: &Path, name: &str) -> Result<PathBuf, ConfigError> {
-        let io = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| ConfigError::Io {
-                action,
-                path,
-                source,
-            }
-        };
+        let io = FileError::at;
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
         let mut installed = self.clone();
         for (suffix, file) in [
@@ -218,11 +200,12 @@ pub fn uninstall(dir: &Path, name: &str) -> Result<(), ConfigError> {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
-                return Err(ConfigError::Io {
+                return Err(FileError {
                     action: "remove",
                     path,
                     source,
-                })
+                }
+                .into())
             }
         }
     }

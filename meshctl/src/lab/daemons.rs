@@ -15,7 +15,8 @@ use super::mounts::mount_bpffs;
 use super::plan;
 use super::state::{ClusterState, LabState, NodeState, ProcessRecord, Role};
 use super::supervise::{self, Spec};
-use super::{find_program, io_error, Binaries, LabError, Layout, LOCAL_READER, READY_TIMEOUT};
+use super::{find_program, Binaries, LabError, Layout, LOCAL_READER, READY_TIMEOUT};
+use crate::file::FileError;
 
 /// The Cilium-style config with which `reader` reaches `cluster`'s etcd,
 /// issuing `reader`'s client certificate from `cluster`'s CA.
@@ -57,7 +58,7 @@ pub fn enable_cluster(
         &[cluster.control_ip.into(), Ipv4Addr::LOCALHOST.into()],
     )?;
     let data = layout.cluster(&cluster.name).join("etcd");
-    std::fs::create_dir_all(&data).map_err(io_error("create", &data))?;
+    std::fs::create_dir_all(&data).map_err(FileError::at("create", &data))?;
     let server = pki.server();
     let peer = "http://127.0.0.1:2380";
     let local = format!("http://127.0.0.1:{}", plan::ETCD_LOCAL_PORT);
@@ -178,7 +179,7 @@ pub(super) fn start_agent(
     let layout = Layout::new(&lab.dir);
     let node_dir = layout.node(&node.name);
     for dir in [&node.clustermesh_dir, &node.state_dir, &node.bpffs] {
-        std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+        std::fs::create_dir_all(dir).map_err(FileError::at("create", dir))?;
     }
     mount_bpffs(&node.bpffs)?;
     // The agent reads its own cluster like any other: over mTLS, with a

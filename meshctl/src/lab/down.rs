@@ -11,7 +11,8 @@ use super::mounts::mounts_under;
 use super::plan;
 use super::state::{LabState, Role};
 use super::supervise;
-use super::{io_error, lab_dir, LabError};
+use super::{lab_dir, LabError};
+use crate::file::FileError;
 
 /// What `lab down` removed.
 #[derive(Debug, Default, Serialize)]
@@ -87,7 +88,7 @@ pub fn down(name: &str, root: &Path, progress: &Progress) -> Result<DownReport, 
             })?;
             report.mounts.push(mount);
         }
-        std::fs::remove_dir_all(&dir).map_err(io_error("remove", &dir))?;
+        std::fs::remove_dir_all(&dir).map_err(FileError::at("remove", &dir))?;
         report.removed_dir = true;
         // The parent too, when this was its last lab (ENOTEMPTY otherwise: fine).
         let _ = std::fs::remove_dir(root);

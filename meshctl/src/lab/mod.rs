@@ -22,6 +22,7 @@ pub mod pod;
 pub mod state;
 pub mod supervise;
 
+use crate::file::FileError;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -92,16 +93,8 @@ pub enum LabError {
         looked: String,
     },
     /// A file system operation on the lab directory.
-    #[error("cannot {action} {path}")]
-    Io {
-        /// What was done.
-        action: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::file::FileError),
     /// A cluster that is not in the lab.
     #[error("lab {lab} has no cluster {cluster} (it has {have})")]
     NoCluster {
@@ -123,15 +116,6 @@ pub enum LabError {
         #[source]
         source: nix::Error,
     },
-}
-
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LabError {
-    let path = path.to_owned();
-    move |source| LabError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// The programs the lab runs.
@@ -161,7 +145,8 @@ impl Binaries {
             apiserver: find_program("clustermesh-apiserver")?,
             agent: find_program("node-agent")?,
             cni: find_program("mesh-cni")?,
-            meshctl: std::env::current_exe().map_err(io_error("locate", Path::new("meshctl")))?,
+            meshctl: std::env::current_exe()
+                .map_err(FileError::at("locate", Path::new("meshctl")))?,
         })
     }
 }

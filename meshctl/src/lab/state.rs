@@ -8,6 +8,7 @@
 //! processes by namespace (see `lab::down`). The file is written atomically
 //! (write to a temporary file, then rename) so a crash never leaves half a file.
 
+use crate::file::FileError;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -22,16 +23,8 @@ pub const STATE_FILE: &str = "state.json";
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// Reading or writing failed.
-    #[error("cannot {action} lab state file {path}")]
-    Io {
-        /// `read` or `write`.
-        action: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::file::FileError),
     /// The file is not a lab state.
     #[error("lab state file {path} is corrupt")]
     Corrupt {
@@ -198,11 +191,12 @@ impl LabState {
                 });
             }
             Err(source) => {
-                return Err(StateError::Io {
+                return Err(FileError {
                     action: "read",
                     path,
                     source,
-                })
+                }
+                .into())
             }
         };
         serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path, source })
@@ -227,14 +221,10 @@ impl LabState {
     pub fn save(&self) -> Result<(), StateError> {
         let path = self.dir.join(STATE_FILE);
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        let io = |source| StateError::Io {
-            action: "write",
-            path: path.clone(),
-            source,
-        };
+        let io = FileError::at("write", &path);
         let text = serde_json::to_string_pretty(self).expect("lab state serializes");
         std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        Ok(std::fs::rename(&tmp, &path).map_err(io)?)
     }
 
     /// The cluster named `name`.

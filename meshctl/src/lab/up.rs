@@ -14,8 +14,9 @@ use super::ip;
 use super::state::{ClusterState, Encryption, LabState, NodeState, Routing};
 use super::supervise;
 use super::topology::{create_cluster_netns, create_underlay};
-use super::{io_error, lab_dir, Binaries, LabError, Layout};
+use super::{lab_dir, Binaries, LabError, Layout};
 use super::{plan, pod};
+use crate::file::FileError;
 
 /// Options of `lab up`.
 #[derive(Debug, Clone)]
@@ -217,7 +218,7 @@ pub fn up(opts: &UpOptions, progress: &Progress) -> Result<LabState, LabError> {
 /// I/O errors.
 pub fn create_lab_dir(lab: &LabState) -> Result<(), LabError> {
     let logs = Layout::new(&lab.dir).logs();
-    std::fs::create_dir_all(&logs).map_err(io_error("create", &logs))?;
+    std::fs::create_dir_all(&logs).map_err(FileError::at("create", &logs))?;
     lab.save()?;
     Ok(())
 }
