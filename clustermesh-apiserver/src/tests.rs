@@ -364,8 +364,9 @@ fn exported_identity(memory: &MemoryBackend, ip: &str) -> Option<u32> {
     Some(entry.id.0)
 }
 
-#[tokio::test]
-async fn endpoint_export_does_not_wait_for_the_persist_and_is_undone_when_it_fails() {
+/// A registry whose own persistence goes through a [`GatedRegistry`], and
+/// whose export writes straight to the memory backend.
+async fn gated_registry() -> (MemoryBackend, GatedRegistry, Registry) {
     let memory = MemoryBackend::new();
     let gated = GatedRegistry {
         memory: memory.clone(),
@@ -380,6 +381,12 @@ async fn endpoint_export_does_not_wait_for_the_persist_and_is_undone_when_it_fai
     )
     .await
     .unwrap();
+    (memory, gated, registry)
+}
+
+#[tokio::test]
+async fn endpoint_export_does_not_wait_for_the_persist_and_is_undone_when_it_fails() {
+    let (memory, gated, registry) = gated_registry().await;
     let owner = Owner::Source;
     let mut dual_stack = node("n1", "10.1.1.0/24");
     dual_stack.pod_cidrs.push("fd00:1::/64".parse().unwrap());
@@ -458,20 +465,7 @@ async fn endpoint_export_does_not_wait_for_the_persist_and_is_undone_when_it_fai
 #[tokio::test]
 async fn a_refused_delete_leaves_the_record_registered_and_exported() {
     use std::sync::atomic::Ordering::Relaxed;
-    let memory = MemoryBackend::new();
-    let gated = GatedRegistry {
-        memory: memory.clone(),
-        puts: Arc::new(std::sync::Mutex::new(EndpointPuts::Pass)),
-        refuse_deletes: Arc::default(),
-    };
-    let registry = Registry::open(
-        Arc::new(gated.clone()),
-        Arc::new(memory.clone()),
-        &config(),
-        &SyncStoreConfig::default(),
-    )
-    .await
-    .unwrap();
+    let (memory, gated, registry) = gated_registry().await;
     let owner = Owner::Source;
     registry
         .upsert_node(&owner, node("n1", "10.1.1.0/24"))

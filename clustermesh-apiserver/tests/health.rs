@@ -3,8 +3,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use clustermesh_apiserver::{config::Config, Server};
+use common::Served;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+mod common;
 
 async fn get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -21,21 +23,10 @@ async fn readyz_and_metrics() {
         return;
     }
     let etcd = testkit::EtcdServer::start().await;
-    let etcd_config =
-        kvstore::EtcdConfig::from_endpoints([etcd.endpoint()], &kvstore::TlsPaths::default())
-            .unwrap();
-    let mut config = Config::new(
-        "c1".parse().unwrap(),
-        api::ClusterId::new(2, api::MaxConnectedClusters::Max255).unwrap(),
-        etcd_config,
-    );
+    let mut config = common::config(&etcd, 2);
     config.health_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let server = Server::start(config).await.unwrap();
-    let health = server.health_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.serve(async {
-        let _ = stopped.await;
-    }));
+    let served = Served::start(config, kvstore::SyncStoreConfig::default()).await;
+    let health = served.health.expect("health listens");
     let healthz = get(health, "/healthz").await.expect("healthz answers");
     assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
     testkit::wait_until(Duration::from_secs(15), "/readyz to answer 200", || async {
@@ -58,12 +49,7 @@ async fn readyz_and_metrics() {
             "/metrics lacks {line:?}:\n{metrics}"
         );
     }
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .expect("shutdown within 15 s")
-        .unwrap()
-        .unwrap();
+    served.stop().await;
 }
 
 #[test]

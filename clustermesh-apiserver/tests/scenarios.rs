@@ -38,29 +38,23 @@ use std::{
     time::Duration,
 };
 
-use clustermesh_apiserver::{config::Config, Server};
+use clustermesh_apiserver::config::Config;
+use common::{Served, DEADLINE};
 use futures::StreamExt as _;
 use kvstore::{KvWrite as _, ListWatch as _, SyncStoreConfig};
 use mesh_proto::v1 as pb;
 use pb::registry_client::RegistryClient;
 use serde_json::Value;
-use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
-const DEADLINE: Duration = Duration::from_secs(15);
-
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-    client: RegistryClient<Channel>,
-}
+mod common;
 
 struct Harness {
     name: String,
     etcd: testkit::EtcdServer,
     backend: kvstore::EtcdBackend,
     config: Config,
-    running: Option<Running>,
+    running: Option<Served>,
     sessions: HashMap<String, (String, tonic::Streaming<pb::SessionEvent>)>,
 }
 
@@ -227,15 +221,8 @@ impl Harness {
             return None;
         }
         let etcd = testkit::EtcdServer::start().await;
-        let etcd_config =
-            kvstore::EtcdConfig::from_endpoints([etcd.endpoint()], &kvstore::TlsPaths::default())
-                .unwrap();
-        let backend = kvstore::connect(&etcd_config).await.unwrap();
-        let mut config = Config::new(
-            "c1".parse().unwrap(),
-            api::ClusterId::new(3, api::MaxConnectedClusters::Max255).unwrap(),
-            etcd_config,
-        );
+        let mut config = common::config(&etcd, 3);
+        let backend = kvstore::connect(&config.etcd).await.unwrap();
         config.session_grace = Duration::from_secs(2);
         config.identity_grace = Duration::from_secs(2);
         config.drain_timeout = Duration::from_secs(5);
@@ -262,24 +249,8 @@ impl Harness {
             lease_ttl: Duration::from_secs(60),
             ..SyncStoreConfig::default()
         };
-        let server = Server::start_with(self.config.clone(), stores)
-            .await
-            .unwrap_or_else(|e| panic!("{}: apiserver start: {e:#}", self.name));
-        let addr = server.grpc_addr();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server
-                .serve(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        let client = testkit::wait_for(DEADLINE, "apiserver gRPC to accept", || async move {
-            RegistryClient::connect(format!("http://{addr}")).await.ok()
-        })
-        .await;
-        let probe = client.clone();
+        let served = Served::start(self.config.clone(), stores).await;
+        let probe = served.client.clone();
         testkit::wait_until(DEADLINE, "apiserver to report synced", || {
             let mut c = probe.clone();
             async move {
@@ -289,17 +260,13 @@ impl Harness {
             }
         })
         .await;
-        self.running = Some(Running { stop, task, client });
+        self.running = Some(served);
     }
 
     async fn stop(&mut self) {
         self.sessions.clear();
         if let Some(running) = self.running.take() {
-            let _ = running.stop.send(());
-            tokio::time::timeout(DEADLINE, running.task)
-                .await
-                .expect("apiserver to stop within the deadline")
-                .unwrap();
+            running.stop().await;
         }
     }
 

@@ -2,15 +2,12 @@
 //! snapshot, and every change of a service or of the endpoints it selects
 //! (non-global services included) sends a new one.
 
-use std::time::Duration;
-
-use clustermesh_apiserver::{config::Config, Server};
+use common::{Served, DEADLINE};
 use futures::StreamExt as _;
 use kvstore::SyncStoreConfig;
 use mesh_proto::v1 as pb;
-use pb::registry_client::RegistryClient;
 
-const DEADLINE: Duration = Duration::from_secs(15);
+mod common;
 
 /// Next snapshot, as `(namespace/name, global, sorted backend IPs)` per service.
 async fn next(
@@ -39,31 +36,8 @@ async fn watch_services_sends_a_snapshot_per_change() {
         return;
     }
     let etcd = testkit::EtcdServer::start().await;
-    let etcd_config =
-        kvstore::EtcdConfig::from_endpoints([etcd.endpoint()], &kvstore::TlsPaths::default())
-            .unwrap();
-    let config = Config::new(
-        "c1".parse().unwrap(),
-        api::ClusterId::new(3, api::MaxConnectedClusters::Max255).unwrap(),
-        etcd_config,
-    );
-    let server = Server::start_with(config, SyncStoreConfig::default())
-        .await
-        .expect("apiserver starts");
-    let addr = server.grpc_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server
-            .serve(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    let mut client = testkit::wait_for(DEADLINE, "apiserver gRPC to accept", || async move {
-        RegistryClient::connect(format!("http://{addr}")).await.ok()
-    })
-    .await;
+    let served = Served::start(common::config(&etcd, 3), SyncStoreConfig::default()).await;
+    let mut client = served.client.clone();
 
     let mut stream = client
         .watch_services(pb::WatchServicesRequest {})
@@ -155,9 +129,5 @@ async fn watch_services_sends_a_snapshot_per_change() {
 
     drop(stream);
     drop(session);
-    let _ = stop.send(());
-    tokio::time::timeout(DEADLINE, task)
-        .await
-        .expect("apiserver to stop within the deadline")
-        .unwrap();
+    served.stop().await;
 }

@@ -25,6 +25,23 @@ pub fn find_cluster<'a>(lab: &'a LabState, name: &str) -> Result<&'a ClusterStat
     })
 }
 
+/// The (source, destination) pairs to act on: `source → destination`, and
+/// back when `both`.
+fn directions(
+    lab: &LabState,
+    source: &str,
+    destination: &str,
+    both: bool,
+) -> Result<Vec<(ClusterState, ClusterState)>, LabError> {
+    let a = find_cluster(lab, source)?.clone();
+    let b = find_cluster(lab, destination)?.clone();
+    let mut directions = vec![(a.clone(), b.clone())];
+    if both {
+        directions.push((b, a));
+    }
+    Ok(directions)
+}
+
 /// What `connect` knows about a lab cluster.
 pub fn cluster_facts(lab: &LabState, cluster: &ClusterState) -> ClusterFacts {
     ClusterFacts {
@@ -50,13 +67,9 @@ pub fn connect(
     destination: &str,
     both: bool,
 ) -> Result<(), LabError> {
-    let a = find_cluster(lab, source)?.clone();
-    let b = find_cluster(lab, destination)?.clone();
-    config::check_compatible(&cluster_facts(lab, &a), &cluster_facts(lab, &b))?;
-    let mut directions = vec![(a.clone(), b.clone())];
-    if both {
-        directions.push((b, a));
-    }
+    let directions = directions(lab, source, destination, both)?;
+    let (a, b) = &directions[0];
+    config::check_compatible(&cluster_facts(lab, a), &cluster_facts(lab, b))?;
     for (src, dst) in directions {
         let config = etcd_config_for(lab, &dst, &src.name)?;
         for node in &src.nodes {
@@ -85,13 +98,7 @@ pub fn disconnect(
     destination: &str,
     both: bool,
 ) -> Result<(), LabError> {
-    let a = find_cluster(lab, source)?.clone();
-    let b = find_cluster(lab, destination)?.clone();
-    let mut directions = vec![(a.clone(), b.clone())];
-    if both {
-        directions.push((b, a));
-    }
-    for (src, dst) in directions {
+    for (src, dst) in directions(lab, source, destination, both)? {
         for node in &src.nodes {
             config::uninstall(&node.clustermesh_dir, &dst.name)?;
         }
