@@ -676,15 +676,12 @@ async fn replies_get_the_frontend_back() {
                 datapath::SERVICE_LOOPBACK_V4.into()
             };
             let what = format!("{proto} hairpin {client} -> {hairpin}");
-            let out = fx.run(
-                Program::FromPod,
-                &frame(
-                    HOST_MAC_A,
-                    POD_MAC_A,
-                    &l4_packet(proto, client, hairpin.addr),
-                ),
-                None,
+            let forward = frame(
+                HOST_MAC_A,
+                POD_MAC_A,
+                &l4_packet(proto, client, hairpin.addr),
             );
+            let out = fx.run(Program::FromPod, &forward, None);
             assert_eq!(out.verdict, TC_ACT_REDIRECT, "{what}");
             let from = SocketAddr::new(loopback, client.port());
             assert_eq!(
@@ -711,15 +708,7 @@ async fn replies_get_the_frontend_back() {
             assert_eq!(&out.data[0..6], &POD_MAC_A, "{what}: reply to the pod");
             let _ = fx.event();
             // A second packet of the flow takes the same path (ct entries).
-            let out = fx.run(
-                Program::FromPod,
-                &frame(
-                    HOST_MAC_A,
-                    POD_MAC_A,
-                    &l4_packet(proto, client, hairpin.addr),
-                ),
-                None,
-            );
+            let out = fx.run(Program::FromPod, &forward, None);
             assert_eq!(endpoints_of(&out.data), (from, me), "{what}: again");
             let _ = fx.event();
         }
