@@ -162,6 +162,18 @@ fn identity_labels_must_name_the_cluster() {
         "cluster_mismatch",
         &["lack k8s:io.cilium.k8s.policy.cluster", "=c1"],
     );
+    // A second cluster label under another source: policies that select
+    // with the `any` source would match it.
+    for other in ["unspec", "any", "cilium", "reserved"] {
+        let value =
+            format!("k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;{other}:io.cilium.k8s.policy.cluster=c9;");
+        refused::<IdentityRecord>(
+            ID_KEY,
+            value.as_bytes(),
+            "cluster_mismatch",
+            &["\"c9\"", "io.cilium.k8s.policy.cluster"],
+        );
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use crate::error::{FieldError, ValidationError};
 use crate::go::check_size;
 use crate::identity::NumericIdentity;
 use crate::keys;
-use crate::labels::LabelSet;
+use crate::labels::{LabelSet, POLICY_CLUSTER_LABEL};
 use crate::records::{at, expect_key_cluster};
 use crate::{clip, Resource};
 
@@ -62,6 +62,19 @@ impl Resource for IdentityRecord {
                 source,
             })
             .map_err(at(key))?;
+        // Every cluster label, whatever its source, must name the cluster:
+        // a selector with the `any` source matches them all.
+        if let Some(foreign) = labels
+            .iter()
+            .find(|l| l.key == POLICY_CLUSTER_LABEL && l.value != scope.cluster.as_str())
+        {
+            return Err(ValidationError::ClusterMismatch {
+                key: clip(key),
+                field: "label io.cilium.k8s.policy.cluster",
+                expected: scope.cluster.clone(),
+                got: clip(&foreign.value),
+            });
+        }
         match labels.cluster() {
             None => Err(ValidationError::MissingClusterLabel {
                 key: clip(key),
