@@ -164,8 +164,12 @@ pub struct ClusterStatus {
     pub last_failure: Option<String>,
     /// Initial sync per kind.
     pub synced: Synced,
-    /// Records refused by validation, by reason.
+    /// Records refused by validation, by reason (counted as they arrive).
     pub rejected: BTreeMap<String, u64>,
+    /// Records held but not used because they claim what the cluster does
+    /// not own (an address of another cluster, a default route, ...), by
+    /// reason: how many are refused now.
+    pub not_owned: BTreeMap<String, u64>,
     /// The records are read from a KVStoreMesh cache (`"cached":true` in
     /// the cluster config: `cilium/cache/...`), as Cilium's `kvstoremesh`.
     pub kvstoremesh: bool,

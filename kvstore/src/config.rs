@@ -97,6 +97,16 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// An entry of `allowed-pod-cidrs` is not a CIDR.
+    #[error(
+        "etcd config {origin}: {value:?} in `allowed-pod-cidrs` is not a CIDR (e.g. 10.20.0.0/16)"
+    )]
+    InvalidCidr {
+        /// The config file.
+        origin: String,
+        /// The offending entry.
+        value: String,
+    },
     /// A certificate or key file holds no PEM block.
     #[error("etcd config {origin}: `{key}` file {file} is not PEM")]
     NotPem {
@@ -145,6 +155,10 @@ struct FileFormat {
     trusted_ca_file: Option<PathBuf>,
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
+    /// The mesh's extension (Cilium does not read it): CIDRs where the
+    /// cluster's endpoints may lie besides its nodes' pod CIDRs.
+    #[serde(default)]
+    allowed_pod_cidrs: Vec<String>,
 }
 
 /// TLS material, read from files.
@@ -174,6 +188,10 @@ pub struct EtcdConfig {
     pub request_timeout: Duration,
     /// Deadline of establishing a connection (default 5 s).
     pub connect_timeout: Duration,
+    /// `allowed-pod-cidrs:` of the config file (the mesh's extension of
+    /// Cilium's format): where the cluster's endpoints may lie besides its
+    /// nodes' pod CIDRs, for pods that take VPC addresses.
+    pub allowed_pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Paths of TLS files for [`EtcdConfig::from_endpoints`], as a config file
@@ -211,7 +229,22 @@ impl EtcdConfig {
             cert_file: resolve(file.cert_file),
             key_file: resolve(file.key_file),
         };
-        Self::build(file.endpoints, &paths, path.display().to_string())
+        let origin = path.display().to_string();
+        let allowed_pod_cidrs = file
+            .allowed_pod_cidrs
+            .iter()
+            .map(|c| {
+                c.parse::<ipnet::IpNet>()
+                    .map_err(|_| ConfigError::InvalidCidr {
+                        origin: origin.clone(),
+                        value: c.clone(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            allowed_pod_cidrs,
+            ..Self::build(file.endpoints, &paths, origin)?
+        })
     }
 
     /// Settings from endpoints and optional TLS files (paths used as given).
@@ -314,6 +347,7 @@ impl EtcdConfig {
             origin,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            allowed_pod_cidrs: Vec::new(),
         })
     }
 
@@ -384,10 +418,16 @@ mod tests {
         let cfg = write(
             dir,
             "c1",
-            "endpoints:\n- https://127.0.0.1:2379\ntrusted-ca-file: ca.crt\ncert-file: client.crt\nkey-file: client.key\n",
+            "endpoints:\n- https://127.0.0.1:2379\ntrusted-ca-file: ca.crt\ncert-file: client.crt\nkey-file: client.key\nallowed-pod-cidrs: [172.20.0.0/16, 'fd00:20::/48']\n",
         );
         let config = EtcdConfig::from_file(&cfg).unwrap();
         assert_eq!(config.endpoints, ["https://127.0.0.1:2379"]);
+        let allowed: Vec<String> = config
+            .allowed_pod_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(allowed, ["172.20.0.0/16", "fd00:20::/48"]);
         assert!(config.has_client_identity());
         assert_eq!(config.origin(), cfg.display().to_string());
     }
@@ -427,6 +467,10 @@ mod tests {
             (
                 "endpoints: {a: 1}\n",
                 "is not valid YAML with the expected keys",
+            ),
+            (
+                "endpoints: [\"http://x\"]\nallowed-pod-cidrs: [10.0.0.0/33]\n",
+                "\"10.0.0.0/33\" in `allowed-pod-cidrs` is not a CIDR",
             ),
         ];
         for (text, want) in cases {

@@ -167,6 +167,8 @@ pub async fn run(
         config.cluster_name.clone(),
         config.cluster_id,
         config.sync_timeout,
+        hub.clone(),
+        config.trust,
         &stopped,
     )
     .context("opening the load balancer maps")?;
@@ -189,6 +191,7 @@ pub async fn run(
         mesh.clone(),
         hub.clone(),
         config.sync_timeout,
+        config.trust,
     )?;
     let ctx = clusters::Context {
         mesh,

@@ -112,6 +112,13 @@ pub struct Flags {
     /// UDP port of the WireGuard device.
     #[arg(long, env = "MESH_WIREGUARD_PORT", default_value = "51871")]
     pub wireguard_port: String,
+    /// Shortest IPv4 pod CIDR a node of any cluster may announce; a shorter
+    /// one refuses the node (see `trust`).
+    #[arg(long, env = "MESH_MIN_POD_CIDR_PREFIX_V4", default_value = "16")]
+    pub min_pod_cidr_prefix_v4: String,
+    /// Shortest IPv6 pod CIDR a node of any cluster may announce.
+    #[arg(long, env = "MESH_MIN_POD_CIDR_PREFIX_V6", default_value = "48")]
+    pub min_pod_cidr_prefix_v6: String,
 }
 
 pub use api::{Encryption, Routing};
@@ -168,6 +175,8 @@ pub struct Config {
     pub vxlan_port: u16,
     /// WireGuard UDP port.
     pub wireguard_port: u16,
+    /// The ownership rules' tunables.
+    pub trust: crate::trust::Rules,
 }
 
 impl Config {
@@ -340,6 +349,23 @@ impl Config {
                 });
             }
         }
+        let defaults = crate::trust::Rules::default();
+        let trust = crate::trust::Rules {
+            min_prefix_v4: check(
+                &mut errs,
+                "--min-pod-cidr-prefix-v4",
+                Some(&flags.min_pod_cidr_prefix_v4),
+                prefix_len(32),
+            )
+            .unwrap_or(defaults.min_prefix_v4),
+            min_prefix_v6: check(
+                &mut errs,
+                "--min-pod-cidr-prefix-v6",
+                Some(&flags.min_pod_cidr_prefix_v6),
+                prefix_len(128),
+            )
+            .unwrap_or(defaults.min_prefix_v6),
+        };
         if let (Some(ip), Some(cidr)) = (node_ip, pod_cidr) {
             if cidr.contains(&ip) {
                 errs.push(ConfigError::Invalid {
@@ -403,6 +429,7 @@ impl Config {
                 sync_timeout,
                 vxlan_port,
                 wireguard_port,
+                trust,
             }),
             _ => Err(ConfigErrors(errs)),
         }
@@ -521,6 +548,13 @@ fn absolute_path(v: &str) -> Result<PathBuf, String> {
     Ok(p)
 }
 
+fn prefix_len(max: u8) -> impl FnOnce(&str) -> Result<u8, String> {
+    move |v| match v.parse::<u8>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("must be a prefix length in 1..={max}")),
+    }
+}
+
 fn port(v: &str) -> Result<u16, String> {
     match v.parse::<u16>() {
         Ok(0) | Err(_) => Err("must be a port in 1..=65535".into()),
@@ -563,6 +597,27 @@ mod tests {
         assert_eq!(c.pod_mtu(), MTU_TUNNEL);
         assert_eq!(c.sync_timeout, Duration::from_secs(60));
         assert!(c.apiserver.is_none());
+    }
+
+    #[test]
+    fn the_minimum_pod_cidr_prefixes_are_flags() {
+        let c = Config::from_flags(&flags(GOOD)).unwrap();
+        assert_eq!(c.trust, crate::trust::Rules::default());
+        let mut args = GOOD.to_vec();
+        args.extend(["--min-pod-cidr-prefix-v4=20", "--min-pod-cidr-prefix-v6=64"]);
+        let c = Config::from_flags(&flags(&args)).unwrap();
+        assert_eq!((c.trust.min_prefix_v4, c.trust.min_prefix_v6), (20, 64));
+        let mut args = GOOD.to_vec();
+        args.extend(["--min-pod-cidr-prefix-v4=33", "--min-pod-cidr-prefix-v6=0"]);
+        let err = Config::from_flags(&flags(&args)).unwrap_err().to_string();
+        assert!(
+            err.contains("--min-pod-cidr-prefix-v4") && err.contains("1..=32"),
+            "{err}"
+        );
+        assert!(
+            err.contains("--min-pod-cidr-prefix-v6") && err.contains("1..=128"),
+            "{err}"
+        );
     }
 
     #[test]

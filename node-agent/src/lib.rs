@@ -33,4 +33,5 @@ pub mod reconcile;
 pub mod registry;
 pub mod services;
 pub mod status;
+pub mod trust;
 mod unix;

@@ -9,6 +9,7 @@
 //! | `mesh_agent_cluster_failures_total` | counter | `cluster` |
 //! | `mesh_agent_cluster_entries` | gauge | `cluster`, `kind` (nodes, endpoints, identities, services) |
 //! | `mesh_agent_rejected_records_total` | counter | `cluster`, `reason` |
+//! | `mesh_agent_records_not_owned` | gauge | `cluster`, `reason` ([`crate::trust`]) |
 //! | `mesh_agent_reconcile_passes_total` | counter | `kind` (incremental, full) |
 //! | `mesh_agent_reconcile_runs_total`, `_errors_total`, `_changes_total`, `_resyncs_total`, `_resync_corrections_total` | counter | |
 //! | `mesh_agent_reconcile_duration_seconds`, `_full_duration_seconds` | gauge | |
@@ -77,6 +78,7 @@ pub fn registry(status: &AgentStatus) -> Registry {
     let failures = Family::<Labels, Counter>::default();
     let entries = Family::<Labels, Gauge>::default();
     let rejected = Family::<Labels, Counter>::default();
+    let not_owned = Family::<Labels, Gauge>::default();
     for c in &status.clusters {
         let cluster = || ("cluster", c.name.clone());
         failures
@@ -97,6 +99,11 @@ pub fn registry(status: &AgentStatus) -> Registry {
                 .get_or_create(&vec![cluster(), ("reason", reason.clone())])
                 .inc_by(*n);
         }
+        for (reason, n) in &c.not_owned {
+            not_owned
+                .get_or_create(&vec![cluster(), ("reason", reason.clone())])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
     registry.register(
         "cluster_failures",
@@ -112,6 +119,11 @@ pub fn registry(status: &AgentStatus) -> Registry {
         "rejected_records",
         "Records refused by validation, per cluster and reason.",
         rejected,
+    );
+    registry.register(
+        "records_not_owned",
+        "Records held but not used because they claim what their cluster does not own, per cluster and reason.",
+        not_owned,
     );
     let r = &status.reconcile;
     let passes = Family::<Labels, Counter>::default();

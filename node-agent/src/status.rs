@@ -48,6 +48,30 @@ impl StatusHub {
         f(entry);
     }
 
+    /// Sets the `not-owned` counts whose reasons start with one of
+    /// `prefixes` (the part of them one task judges) to `counts`, for every
+    /// cluster: a cluster absent from `counts` has none of them.
+    pub fn set_not_owned(
+        &self,
+        prefixes: &[&str],
+        counts: &BTreeMap<String, BTreeMap<String, u64>>,
+    ) {
+        let mut map = self
+            .clusters
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (name, status) in map.iter_mut() {
+            status
+                .not_owned
+                .retain(|reason, _| !prefixes.iter().any(|p| reason.starts_with(p)));
+            if let Some(mine) = counts.get(name) {
+                status
+                    .not_owned
+                    .extend(mine.iter().map(|(r, n)| (r.clone(), *n)));
+            }
+        }
+    }
+
     /// Forgets `cluster` (its config file was removed).
     pub fn remove_cluster(&self, cluster: &str) {
         self.clusters

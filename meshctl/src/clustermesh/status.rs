@@ -278,7 +278,7 @@ pub fn aggregate(
             entry.endpoints = entry.endpoints.max(c.num_endpoints);
             entry.identities = entry.identities.max(c.num_identities);
             entry.services = entry.services.max(c.num_shared_services);
-            entry.rejected += c.rejected.values().sum::<u64>();
+            entry.rejected += c.rejected.values().sum::<u64>() + c.not_owned.values().sum::<u64>();
             entry.failures += c.num_failures;
             if !c.ready {
                 all_ok = false;

@@ -16,6 +16,24 @@ pub enum EtcdSource {
     Endpoints(Vec<String>),
 }
 
+/// A read connection to a cluster's etcd, with what its config file says
+/// beyond where etcd is.
+#[derive(Clone)]
+pub struct Connection {
+    /// The etcd.
+    pub backend: Arc<dyn ListWatch>,
+    /// `allowed-pod-cidrs:` of the config file ([`crate::trust`]).
+    pub allowed_pod_cidrs: Vec<ipnet::IpNet>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("allowed_pod_cidrs", &self.allowed_pod_cidrs)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Opens a read connection to a cluster's etcd. Injected so that tests can
 /// swap the client (e.g. for an in-memory backend).
 pub trait Connector: Send + Sync + 'static {
@@ -24,7 +42,7 @@ pub trait Connector: Send + Sync + 'static {
         &'a self,
         cluster: &'a str,
         source: &'a EtcdSource,
-    ) -> BoxFuture<'a, Result<Arc<dyn ListWatch>, ClusterError>>;
+    ) -> BoxFuture<'a, Result<Connection, ClusterError>>;
 }
 
 /// The real connector: [`kvstore::connect`].
@@ -36,7 +54,7 @@ impl Connector for EtcdConnector {
         &'a self,
         cluster: &'a str,
         source: &'a EtcdSource,
-    ) -> BoxFuture<'a, Result<Arc<dyn ListWatch>, ClusterError>> {
+    ) -> BoxFuture<'a, Result<Connection, ClusterError>> {
         Box::pin(async move {
             let config = match source {
                 EtcdSource::File(path) => kvstore::EtcdConfig::from_file(path),
@@ -55,7 +73,10 @@ impl Connector for EtcdConnector {
                         cluster: cluster.to_owned(),
                         source,
                     })?;
-            Ok(Arc::new(backend) as Arc<dyn ListWatch>)
+            Ok(Connection {
+                backend: Arc::new(backend),
+                allowed_pod_cidrs: config.allowed_pod_cidrs.clone(),
+            })
         })
     }
 }

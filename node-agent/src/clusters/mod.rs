@@ -45,7 +45,7 @@ mod stores;
 
 pub use changes::{Change, Changes, Pending};
 pub use config_dir::watch_config_dir;
-pub use connector::{Connector, EtcdConnector, EtcdSource};
+pub use connector::{Connection, Connector, EtcdConnector, EtcdSource};
 pub use error::ClusterError;
 pub use mesh::{ClusterEntry, Mesh};
 pub use session::Context;

@@ -107,8 +107,8 @@ impl Context {
         connected: &mut bool,
     ) -> ClusterError {
         let cluster = name.as_str();
-        let backend = match self.connector.connect(cluster, source).await {
-            Ok(b) => b,
+        let (backend, allowed_pod_cidrs) = match self.connector.connect(cluster, source).await {
+            Ok(c) => (c.backend, c.allowed_pod_cidrs),
             Err(e) => return e,
         };
         let waiting = || {
@@ -183,6 +183,7 @@ impl Context {
             scope: &scope,
             config: &store_config,
             changes: &changes,
+            local,
         };
         let nodes = self.store(&streams, &mut forwarders, |n: &Node| {
             Route::Reconciler(Change::Node(n.name.clone()))
@@ -214,6 +215,7 @@ impl Context {
             identities,
             services,
             changes,
+            allowed_pod_cidrs,
         });
         self.mesh.update(name, |e| {
             e.refused = false;
@@ -290,8 +292,9 @@ impl Context {
 
     /// Starts the store of one kind and the task that forwards its events:
     /// endpoint and node changes are queued for the reconciler's
-    /// incremental passes, service changes wake the service reconciler,
-    /// and a store's `Synced` asks both for a full pass.
+    /// incremental passes (and wake the service reconciler, which judges
+    /// remote backends against them), service changes wake the service
+    /// reconciler, and a store's `Synced` asks both for a full pass.
     fn store<R: Resource>(
         &self,
         streams: &Streams<'_>,
@@ -305,6 +308,7 @@ impl Context {
         );
         let mesh = self.mesh.clone();
         let changes = streams.changes.clone();
+        let local = streams.local;
         forwarders.spawn(
             async move {
                 while let Some(event) = events.recv().await {
@@ -318,8 +322,15 @@ impl Context {
                     };
                     match route(record) {
                         Route::Reconciler(change) => {
+                            // Remote endpoints are judged as service backends
+                            // too, and nodes decide what a cluster owns.
+                            let services = !local || matches!(change, Change::Node(_));
                             changes.push(change);
-                            mesh.notify_reconciler();
+                            if services {
+                                mesh.notify();
+                            } else {
+                                mesh.notify_reconciler();
+                            }
                         }
                         Route::Services => mesh.notify(),
                         Route::Nobody => {}
@@ -338,6 +349,8 @@ struct Streams<'a> {
     scope: &'a RemoteScope,
     config: &'a WatchStoreConfig,
     changes: &'a Arc<Changes>,
+    /// The connection is to this node's own cluster.
+    local: bool,
 }
 
 /// Who hears about a changed record.
@@ -364,6 +377,7 @@ mod tests {
     use futures::future::BoxFuture;
 
     use super::*;
+    use crate::clusters::Connection;
 
     /// Hands out one in-memory backend, as an etcd connection would.
     struct Memory(Arc<kvstore::MemoryBackend>);
@@ -373,9 +387,14 @@ mod tests {
             &'a self,
             _cluster: &'a str,
             _source: &'a EtcdSource,
-        ) -> BoxFuture<'a, Result<Arc<dyn ListWatch>, ClusterError>> {
+        ) -> BoxFuture<'a, Result<Connection, ClusterError>> {
             let backend: Arc<dyn ListWatch> = self.0.clone();
-            Box::pin(async move { Ok(backend) })
+            Box::pin(async move {
+                Ok(Connection {
+                    backend,
+                    allowed_pod_cidrs: Vec::new(),
+                })
+            })
         }
     }
 

@@ -23,6 +23,9 @@ pub struct ClusterStores {
     pub services: ServiceSource,
     /// Endpoint and node changes the reconciler has not applied yet.
     pub changes: Arc<Changes>,
+    /// Where the operator allows this cluster's endpoints besides its
+    /// nodes' pod CIDRs (`allowed-pod-cidrs:` in its config file).
+    pub allowed_pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Where a cluster publishes the backends of its global services, as its
@@ -162,6 +165,7 @@ pub(crate) mod test_support {
             services: ServiceSource::Services(WatchStore::spawn(backend, scope.clone(), cfg).0),
             scope,
             changes: Default::default(),
+            allowed_pod_cidrs: Vec::new(),
         };
         stores.nodes.wait_until_synced().await;
         stores.endpoints.wait_until_synced().await;

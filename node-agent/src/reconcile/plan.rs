@@ -206,6 +206,11 @@ pub trait SourceView {
     fn node(&self, name: &str) -> Option<Arc<Node>>;
     /// Every node.
     fn nodes(&self) -> Vec<Arc<Node>>;
+    /// Where the operator allows this cluster's endpoints besides its
+    /// nodes' pod CIDRs (`allowed-pod-cidrs:` in its config file).
+    fn allowed_pod_cidrs(&self) -> &[IpNet] {
+        &[]
+    }
 }
 
 impl SourceView for ClusterStores {
@@ -232,6 +237,10 @@ impl SourceView for ClusterStores {
 
     fn nodes(&self) -> Vec<Arc<Node>> {
         self.nodes.list()
+    }
+
+    fn allowed_pod_cidrs(&self) -> &[IpNet] {
+        &self.allowed_pod_cidrs
     }
 }
 

@@ -53,10 +53,16 @@ use tunnel::{
 };
 
 use crate::{
-    clusters::{ClusterEntry, ClusterStores, Mesh},
-    reconcile::plan::{active_clusters, desired_state, diff, Index, LocalNode, Op, Touched},
+    clusters::{Change, ClusterEntry, ClusterStores, Mesh, Pending},
+    reconcile::plan::{
+        active_clusters, desired_state, diff, ActiveCluster, Index, LocalNode, Op, Touched,
+    },
     status::StatusHub,
+    trust::{self, Rules, Tally, Verdicts, Vetted},
 };
+
+/// The `not-owned` reasons the reconciler judges (nodes and endpoints).
+const JUDGED: &[&str] = &["node-", "endpoint-"];
 
 /// How often a resync (full pass over a re-read map) runs.
 pub const RESYNC_PERIOD: Duration = Duration::from_secs(30);
@@ -91,7 +97,12 @@ pub struct Reconciler {
     last_plan: Option<routes::Plan>,
     /// The incremental view, and the [`Mesh::version`] it was built at
     /// (`None`: not built yet).
-    index: Option<(u64, Index<ClusterStores>)>,
+    index: Option<(u64, Index<Vetted<ClusterStores>>)>,
+    /// The ownership rules, the verdicts the index reads through, and the
+    /// records they refuse ([`crate::trust`]).
+    rules: Rules,
+    verdicts: Arc<Verdicts>,
+    tally: Tally,
     /// Prefixes whose last write failed (counted in `errors`; retried by
     /// the next write of the prefix or the next full pass, and not counted
     /// again as resync corrections).
@@ -128,6 +139,7 @@ impl Reconciler {
         mesh: Arc<Mesh>,
         hub: Arc<StatusHub>,
         sync_timeout: Duration,
+        rules: Rules,
     ) -> Result<Self, ReconcilerError> {
         let actual = read_map(&ipcache).map_err(ReconcilerError::Adopt)?;
         info!(entries = actual.len(), "adopted the ipcache map");
@@ -142,6 +154,9 @@ impl Reconciler {
             sweeping: false,
             last_plan: None,
             index: None,
+            rules,
+            verdicts: Arc::default(),
+            tally: Tally::default(),
             failed: BTreeSet::new(),
         })
     }
@@ -211,32 +226,60 @@ impl Reconciler {
         if structural {
             return self.full_pass(started, None).await;
         }
+        let Some((_, index)) = &self.index else {
+            return;
+        };
+        let mut pending: Vec<(usize, usize, Pending)> = Vec::new();
+        for (ci, cluster) in index.clusters().iter().enumerate() {
+            for (si, source) in cluster.sources.iter().enumerate() {
+                pending.push((ci, si, source.stores().changes.take()));
+            }
+        }
+        let nodes_changed = pending
+            .iter()
+            .any(|(_, _, p)| p.changes.iter().any(|c| matches!(c, Change::Node(_))));
+        // A node change can change what its cluster, or another, owns: then
+        // every endpoint is judged again, by a full pass.
+        let verdicts_changed = nodes_changed
+            && Verdicts::judge(&unvetted(index.clusters()), &self.rules) != *self.verdicts;
+        if verdicts_changed || pending.iter().any(|(_, _, p)| p.full) {
+            // What was taken is in the stores the full pass reads.
+            return self.full_pass(started, None).await;
+        }
         let Some((_, index)) = &mut self.index else {
             return;
         };
         let mut touched = Touched::default();
         let mut applied = 0u64;
-        let mut full = false;
-        for ci in 0..index.clusters().len() {
-            for si in 0..index.clusters()[ci].sources.len() {
-                let pending = index.clusters()[ci].sources[si].changes.take();
-                full |= pending.full;
-                if full {
-                    continue;
+        let mut newly_refused = Vec::new();
+        for (ci, si, p) in &pending {
+            for change in &p.changes {
+                index.apply(*ci, *si, change, &mut touched);
+                if let Change::Endpoint(ip) = change {
+                    let cluster = &index.clusters()[*ci];
+                    let sources: Vec<_> =
+                        cluster.sources.iter().map(|s| s.stores().clone()).collect();
+                    if let Some(reason) =
+                        self.tally
+                            .endpoint(&cluster.name, &sources, *ip, &self.verdicts)
+                    {
+                        newly_refused.push((
+                            cluster.name.clone(),
+                            format!("endpoint {ip}"),
+                            reason,
+                        ));
+                    }
                 }
-                for change in &pending.changes {
-                    index.apply(ci, si, change, &mut touched);
-                }
-                applied += pending.changes.len() as u64;
             }
-        }
-        if full {
-            // What was taken is in the stores the full pass reads.
-            return self.full_pass(started, None).await;
+            applied += p.changes.len() as u64;
         }
         if applied == 0 {
             return;
         }
+        for (cluster, record, reason) in newly_refused {
+            warn!(%cluster, %record, %reason, "record refused: the cluster does not own what it claims");
+        }
+        self.hub.set_not_owned(JUDGED, &self.tally.counts());
         let mut errors = self.write_touched(&touched.prefixes);
         if touched.remotes {
             let remotes = index_remotes(&self.index);
@@ -267,6 +310,8 @@ impl Reconciler {
             // The stores read below already hold what these changes name.
             source.changes.take();
         }
+        self.judge(&active);
+        let active = trust::vet(active, &self.verdicts);
         let desired = desired_state(&active, &self.me);
         let index = Index::build(active, self.me.clone());
         self.index = Some((version, index));
@@ -309,7 +354,9 @@ impl Reconciler {
         }
         self.last_plan = None;
         let clusters = self.mesh.snapshot();
-        let desired = desired_state(&active_clusters(&clusters), &self.me);
+        let active = active_clusters(&clusters);
+        let verdicts = Arc::new(Verdicts::judge(&active, &self.rules));
+        let desired = desired_state(&trust::vet(active, &verdicts), &self.me);
         let suspects: BTreeSet<IpNet> = diff(&desired.ipcache, &self.actual, self.sweeping)
             .into_iter()
             .map(|op| match op {
@@ -323,6 +370,19 @@ impl Reconciler {
             self.pass().await;
         }
         self.full_pass(started, Some(&suspects)).await;
+    }
+
+    /// Judges every record of `active` ([`crate::trust`]), logs each record
+    /// refused now and not before, and reports the counts.
+    fn judge(&mut self, active: &[ActiveCluster<ClusterStores>]) {
+        let verdicts = Verdicts::judge(active, &self.rules);
+        let tally = Tally::of(active, &verdicts);
+        for (cluster, record, reason) in tally.new_since(&self.tally) {
+            warn!(%cluster, %record, %reason, "record refused: the cluster does not own what it claims");
+        }
+        self.hub.set_not_owned(JUDGED, &tally.counts());
+        self.verdicts = Arc::new(verdicts);
+        self.tally = tally;
     }
 
     fn update_sweeping(&mut self, clusters: &BTreeMap<ClusterName, ClusterEntry>) {
@@ -465,8 +525,20 @@ impl Reconciler {
     }
 }
 
+/// The clusters of a vetted view, as their stores hold them.
+fn unvetted<S>(clusters: &[ActiveCluster<Vetted<S>>]) -> Vec<ActiveCluster<S>> {
+    clusters
+        .iter()
+        .map(|c| ActiveCluster {
+            name: c.name.clone(),
+            local: c.local,
+            sources: c.sources.iter().map(|s| s.stores().clone()).collect(),
+        })
+        .collect()
+}
+
 fn index_remotes(
-    index: &Option<(u64, Index<ClusterStores>)>,
+    index: &Option<(u64, Index<Vetted<ClusterStores>>)>,
 ) -> BTreeMap<String, routes::RemoteNode> {
     index
         .as_ref()

@@ -15,6 +15,8 @@ use tracing::warn;
 
 use super::LocalService;
 use crate::clusters::ClusterEntry;
+use crate::reconcile::plan::SourceView as _;
+use crate::trust::Verdicts;
 
 /// What one frontend should hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,9 @@ pub struct DesiredServices {
     /// Frontends claimed by two services, or backend IPs offered by two
     /// clusters (the first one wins).
     pub conflicts: u64,
+    /// Remote backends left out because they are not accepted endpoints of
+    /// the cluster that exports them: (cluster, `namespace/name`, IP).
+    pub refused_backends: BTreeSet<(String, String, IpAddr)>,
 }
 
 /// One remote cluster's export of one service.
@@ -48,13 +53,37 @@ struct RemoteExport {
 
 /// Every remote cluster's exported services by `(namespace, name)`, clusters
 /// in name order, the current connection's records before the previous one's.
+/// A backend that is not an accepted endpoint of its cluster
+/// ([`crate::trust`]) is left out and recorded in `refused`.
 fn remote_exports(
     clusters: &BTreeMap<ClusterName, ClusterEntry>,
+    verdicts: &Verdicts,
+    refused: &mut BTreeSet<(String, String, IpAddr)>,
 ) -> BTreeMap<(String, String), Vec<RemoteExport>> {
     let mut out: BTreeMap<(String, String), Vec<RemoteExport>> = BTreeMap::new();
     for (name, entry) in clusters.iter().filter(|(_, e)| !e.local && !e.refused) {
+        let owns = |ip: &IpAddr| {
+            entry
+                .sources()
+                .find_map(|s| s.endpoint(*ip))
+                .is_some_and(|ep| verdicts.endpoint(name.as_str(), &ep).is_none())
+        };
         for stores in entry.sources() {
-            for service in stores.services.exports(&stores.scope) {
+            for mut service in stores.services.exports(&stores.scope) {
+                let foreign: Vec<IpAddr> = service
+                    .backends
+                    .keys()
+                    .filter(|ip| !owns(ip))
+                    .copied()
+                    .collect();
+                if !foreign.is_empty() {
+                    let id = format!("{}/{}", service.namespace, service.name);
+                    let owned = Arc::make_mut(&mut service);
+                    for ip in foreign {
+                        owned.backends.remove(&ip);
+                        refused.insert((name.to_string(), id.clone(), ip));
+                    }
+                }
                 out.entry((service.namespace.clone(), service.name.clone()))
                     .or_default()
                     .push(RemoteExport {
@@ -83,9 +112,10 @@ pub fn desired_services(
     clusters: &BTreeMap<ClusterName, ClusterEntry>,
     local_cluster: &str,
     local_id: u16,
+    verdicts: &Verdicts,
 ) -> DesiredServices {
-    let remote = remote_exports(clusters);
     let mut out = DesiredServices::default();
+    let remote = remote_exports(clusters, verdicts, &mut out.refused_backends);
     let mut ordered: Vec<&LocalService> = local.iter().collect();
     ordered.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     for svc in ordered {
@@ -254,14 +284,42 @@ mod tests {
         s
     }
 
-    /// A cluster entry over real WatchStores on the in-memory backend.
+    /// A cluster entry over real WatchStores on the in-memory backend: one
+    /// node `<name>-n1` at 192.168.<id>.11 with pod CIDR 10.<id>.1.0/24,
+    /// endpoints at `pods` on it, and `services`.
     async fn cluster(
         name: &str,
         id: u16,
         local: bool,
+        pods: &[&str],
         services: &[ClusterService],
     ) -> ClusterEntry {
-        memory_cluster(name, id, local, services.iter().map(kv)).await
+        let cluster_id = ClusterId::new(id, MAX).unwrap();
+        let host: IpAddr = format!("192.168.{id}.11").parse().unwrap();
+        let mut node = api::Node::new(format!("{name}-n1"), name.parse().unwrap(), cluster_id);
+        node.set_address(api::AddressType::InternalIp, host);
+        node.set_pod_cidrs([format!("10.{id}.1.0/24").parse().unwrap()]);
+        let pods: Vec<api::IpcacheEntry> = pods
+            .iter()
+            .map(|ip| {
+                api::IpcacheEntry::new(
+                    ip.parse().unwrap(),
+                    api::NumericIdentity(u32::from(id) << 16 | 300),
+                    Some(host),
+                )
+            })
+            .collect();
+        let records = std::iter::once(kv(&node))
+            .chain(pods.iter().map(kv))
+            .chain(services.iter().map(kv));
+        memory_cluster(name, id, local, records).await
+    }
+
+    fn verdicts(clusters: &BTreeMap<ClusterName, ClusterEntry>) -> Verdicts {
+        Verdicts::judge(
+            &crate::reconcile::plan::active_clusters(clusters),
+            &crate::trust::Rules::default(),
+        )
     }
 
     fn local(name: &str, global: bool, affinity: Affinity, backends: &[&str]) -> LocalService {
@@ -305,10 +363,20 @@ mod tests {
             .collect()
     }
 
-    async fn mesh(remote: &[ClusterService]) -> BTreeMap<ClusterName, ClusterEntry> {
+    /// c1 (local) and c2 exporting `remote`, with endpoints at `c2_pods`.
+    async fn mesh(
+        remote: &[ClusterService],
+        c2_pods: &[&str],
+    ) -> BTreeMap<ClusterName, ClusterEntry> {
         [
-            ("c1".parse().unwrap(), cluster("c1", 1, true, &[]).await),
-            ("c2".parse().unwrap(), cluster("c2", 2, false, remote).await),
+            (
+                "c1".parse().unwrap(),
+                cluster("c1", 1, true, &["10.1.1.5"], &[]).await,
+            ),
+            (
+                "c2".parse().unwrap(),
+                cluster("c2", 2, false, c2_pods, remote).await,
+            ),
         ]
         .into()
     }
@@ -324,12 +392,17 @@ mod tests {
             clusters,
             "c1",
             1,
+            &verdicts(clusters),
         )
     }
 
     #[tokio::test]
     async fn a_global_service_merges_remote_backends_by_port_name() {
-        let clusters = mesh(&[export("c2", 2, "web", &[("10.2.1.5", 9090)])]).await;
+        let clusters = mesh(
+            &[export("c2", 2, "web", &[("10.2.1.5", 9090)])],
+            &["10.2.1.5"],
+        )
+        .await;
         let d = desired_web(&clusters, true, Affinity::None);
         assert_eq!(
             backends(&d),
@@ -347,7 +420,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_service_not_global_locally_takes_local_backends_only() {
-        let clusters = mesh(&[export("c2", 2, "web", &[("10.2.1.5", 8080)])]).await;
+        let clusters = mesh(
+            &[export("c2", 2, "web", &[("10.2.1.5", 8080)])],
+            &["10.2.1.5"],
+        )
+        .await;
         let d = desired_web(&clusters, false, Affinity::None);
         assert_eq!(backends(&d), [(1, "10.1.1.5:8080".to_owned(), false)]);
         assert!(!d.frontends[&frontend()]
@@ -357,15 +434,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_remote_global_service_without_local_counterpart_is_not_programmed() {
-        let clusters = mesh(&[export("c2", 2, "web", &[("10.2.1.5", 8080)])]).await;
-        let d = desired_services(&[], &clusters, "c1", 1);
+        let clusters = mesh(
+            &[export("c2", 2, "web", &[("10.2.1.5", 8080)])],
+            &["10.2.1.5"],
+        )
+        .await;
+        let d = desired_services(&[], &clusters, "c1", 1, &verdicts(&clusters));
         assert!(d.frontends.is_empty());
         assert!(d.status.is_empty());
     }
 
     #[tokio::test]
     async fn affinity_marks_local_or_remote_backends_preferred() {
-        let clusters = mesh(&[export("c2", 2, "web", &[("10.2.1.5", 8080)])]).await;
+        let clusters = mesh(
+            &[export("c2", 2, "web", &[("10.2.1.5", 8080)])],
+            &["10.2.1.5"],
+        )
+        .await;
         let run = |affinity| {
             backends(&desired_web(&clusters, true, affinity))
                 .into_iter()
@@ -377,14 +462,20 @@ mod tests {
         assert_eq!(run(Affinity::None), [(1, false), (2, false)]);
     }
 
+    /// c2 offers c1's pod (it even publishes an endpoint record for it) and
+    /// an address it has no endpoint at: both are left out and counted, its
+    /// own pod is taken.
     #[tokio::test]
-    async fn a_backend_ip_offered_twice_is_taken_once_local_first() {
-        let clusters = mesh(&[export(
-            "c2",
-            2,
-            "web",
-            &[("10.1.1.5", 8080), ("10.2.1.5", 8080)],
-        )])
+    async fn a_remote_backend_that_is_not_an_endpoint_of_its_cluster_is_refused() {
+        let clusters = mesh(
+            &[export(
+                "c2",
+                2,
+                "web",
+                &[("10.1.1.5", 8080), ("10.2.1.5", 8080), ("10.2.1.6", 8080)],
+            )],
+            &["10.1.1.5", "10.2.1.5"],
+        )
         .await;
         let d = desired_web(&clusters, true, Affinity::None);
         assert_eq!(
@@ -394,12 +485,21 @@ mod tests {
                 (2, "10.2.1.5:8080".to_owned(), false)
             ]
         );
-        assert_eq!(d.conflicts, 1);
+        assert_eq!(d.conflicts, 0);
+        let refused: Vec<String> = d
+            .refused_backends
+            .iter()
+            .map(|(c, s, ip)| format!("{c} {s} {ip}"))
+            .collect();
+        assert_eq!(
+            refused,
+            ["c2 default/web 10.1.1.5", "c2 default/web 10.2.1.6"]
+        );
     }
 
     #[tokio::test]
     async fn a_frontend_claimed_by_two_services_goes_to_the_first() {
-        let clusters = mesh(&[]).await;
+        let clusters = mesh(&[], &[]).await;
         let d = desired_services(
             &[
                 local("b", false, Affinity::None, &["10.1.1.6"]),
@@ -408,6 +508,7 @@ mod tests {
             &clusters,
             "c1",
             1,
+            &verdicts(&clusters),
         );
         assert_eq!(d.frontends[&frontend()].service, "default/a");
         assert_eq!(d.conflicts, 1);

@@ -68,7 +68,7 @@ use api::ClusterName;
 use datapath::LoadBalancer;
 use tracing::{info, Instrument as _};
 
-use crate::clusters::Mesh;
+use crate::{clusters::Mesh, status::StatusHub, trust::Rules};
 
 /// Spawns the local-services stream (when an apiserver is configured) and
 /// the service reconciler; both end with `shutdown`.
@@ -88,6 +88,8 @@ pub fn spawn<F>(
     local_cluster: ClusterName,
     local_id: api::ClusterId,
     sync_timeout: Duration,
+    hub: Arc<StatusHub>,
+    rules: Rules,
     shutdown: impl Fn() -> F,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, datapath::lb::Error>
 where
@@ -112,6 +114,8 @@ where
         local_cluster.to_string(),
         local_id.get(),
         sync_timeout,
+        hub,
+        rules,
     );
     tasks.push(tokio::spawn(
         reconciler

@@ -2,7 +2,8 @@
 //! load balancer, by diff.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -13,7 +14,12 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{desired_services, LocalServices};
-use crate::clusters::Mesh;
+use crate::{
+    clusters::Mesh,
+    reconcile::plan::active_clusters,
+    status::StatusHub,
+    trust::{Reason, Rules, Verdicts},
+};
 
 /// The service reconciler task.
 #[derive(Debug)]
@@ -28,10 +34,18 @@ pub struct ServiceReconciler {
     local_id: u16,
     sync_deadline: Instant,
     ready: bool,
+    hub: Arc<StatusHub>,
+    rules: Rules,
+    /// Backends refused in the last pass (each is logged once).
+    refused: BTreeSet<(String, String, IpAddr)>,
 }
 
 impl ServiceReconciler {
     /// Prepares the task over an opened load balancer.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site, each argument distinct"
+    )]
     pub fn new(
         lb: LoadBalancer,
         local: Arc<LocalServices>,
@@ -40,6 +54,8 @@ impl ServiceReconciler {
         local_cluster: String,
         local_id: u16,
         sync_timeout: Duration,
+        hub: Arc<StatusHub>,
+        rules: Rules,
     ) -> Self {
         Self {
             lb,
@@ -51,6 +67,9 @@ impl ServiceReconciler {
             local_id,
             sync_deadline: Instant::now() + sync_timeout,
             ready: false,
+            hub,
+            rules,
+            refused: BTreeSet::new(),
         }
     }
 
@@ -87,7 +106,15 @@ impl ServiceReconciler {
             }
             self.ready = true;
         }
-        let desired = desired_services(&local, &clusters, &self.local_cluster, self.local_id);
+        let verdicts = Verdicts::judge(&active_clusters(&clusters), &self.rules);
+        let desired = desired_services(
+            &local,
+            &clusters,
+            &self.local_cluster,
+            self.local_id,
+            &verdicts,
+        );
+        self.report_refused(&desired.refused_backends);
         let mut errors = 0u64;
         if self.actual.is_empty() {
             // First pass: frontends adopted from the previous run that are
@@ -145,6 +172,25 @@ impl ServiceReconciler {
         status.errors += errors;
         status.conflicts = desired.conflicts;
         status.services = desired.status;
+    }
+
+    /// Logs the backends refused now and not before, and reports the counts
+    /// (`not-owned`).
+    fn report_refused(&mut self, refused: &BTreeSet<(String, String, IpAddr)>) {
+        for (cluster, service, ip) in refused.difference(&self.refused) {
+            warn!(%cluster, %service, backend = %ip, reason = %Reason::ServiceBackendNotAnEndpoint,
+                "backend refused: not an endpoint of the cluster that exports it");
+        }
+        let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (cluster, _, _) in refused {
+            *counts
+                .entry(cluster.clone())
+                .or_default()
+                .entry(Reason::ServiceBackendNotAnEndpoint.as_str().to_owned())
+                .or_default() += 1;
+        }
+        self.hub.set_not_owned(&["service-"], &counts);
+        self.refused.clone_from(refused);
     }
 
     fn remove(&mut self, frontend: Frontend, errors: &mut u64) {
