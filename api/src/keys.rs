@@ -57,6 +57,9 @@ pub const HEARTBEAT_KEY: &str = "cilium/.heartbeat";
 /// there, so a missing one is waited for rather than taken as a cluster
 /// without one.
 pub const HAS_CLUSTER_CONFIG_KEY: &str = "cilium/.has-cluster-config";
+/// The clustermesh-apiserver's private state (not part of Cilium's
+/// schema; never readable by another cluster): `mesh/registry/v1/<cluster>/`.
+pub const REGISTRY_BASE_PREFIX: &str = "mesh/registry/v1";
 
 /// A key that does not fit the layout of its record kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -219,7 +222,12 @@ pub fn endpoint_slice_key(cluster: &ClusterName, namespace: &str, name: &str) ->
     format!("{ENDPOINT_SLICES_BASE_PREFIX}/{cluster}/{namespace}/{name}")
 }
 
-/// `cilium/cluster-config/<cluster>`
+/// `mesh/registry/v1/<cluster>/`: the apiserver's private state.
+pub fn registry_prefix(cluster: &str) -> String {
+    format!("{REGISTRY_BASE_PREFIX}/{cluster}/")
+}
+
+/// `cilium/cluster-config/<cluster>`.
 pub fn cluster_config_key(cluster: &ClusterName) -> String {
     format!("{CLUSTER_CONFIG_PREFIX}{cluster}")
 }

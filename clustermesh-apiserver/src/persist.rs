@@ -27,7 +27,7 @@ use mesh_proto::model::{NodeSpec, ObjectKey, ServiceSpec};
 
 /// The private prefix of `cluster`: `mesh/registry/v1/<cluster>/`.
 pub fn prefix(cluster: &str) -> String {
-    format!("mesh/registry/v1/{cluster}/")
+    api::keys::registry_prefix(cluster)
 }
 
 /// Errors of the registry's persistence.

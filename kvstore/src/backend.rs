@@ -141,6 +141,15 @@ pub enum BackendError {
     Unavailable,
 }
 
+impl BackendError {
+    /// Whether etcd refused the request because the client's user may not
+    /// do it (authentication is on; `docs/architecture.md` §8).
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, Self::Etcd { source: etcd_client::Error::GRpcStatus(s), .. }
+            if s.message().contains("permission denied"))
+    }
+}
+
 /// Read side: list a prefix, then watch it from a revision.
 #[async_trait]
 pub trait ListWatch: Send + Sync + 'static {

@@ -351,7 +351,7 @@ impl EtcdConfig {
         })
     }
 
-    fn connect_options(&self) -> ConnectOptions {
+    pub(crate) fn connect_options(&self) -> ConnectOptions {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))

@@ -69,6 +69,7 @@
 //! [`EtcdConfig::from_file`] reads Cilium's etcd config format and
 //! [`connect`] returns an [`EtcdBackend`] after a first successful request.
 
+pub mod auth;
 mod backend;
 mod cluster;
 mod config;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 /// Paths of one certificate and its private key, PEM encoded.
@@ -31,6 +31,8 @@ pub struct TestPki {
     pub client: TlsFiles,
     /// Client certificate signed by another CA.
     pub rogue_client: TlsFiles,
+    /// The directory holding the files (and the CA's key).
+    dir: PathBuf,
 }
 
 impl TestPki {
@@ -44,6 +46,7 @@ impl TestPki {
         let rogue_ca = new_ca("rogue CA");
         let ca_path = dir.join("ca.pem");
         write(&ca_path, &ca.pem());
+        write(&dir.join("ca-key.pem"), &ca.key().serialize_pem());
 
         let server = leaf(
             &ca,
@@ -63,7 +66,25 @@ impl TestPki {
             server: server.write(dir, "server"),
             client: client.write(dir, "client"),
             rogue_client: rogue.write(dir, "rogue-client"),
+            dir: dir.to_owned(),
         }
+    }
+
+    /// Issues a client certificate with common name `cn` (etcd takes the
+    /// CN as the user name when authentication is on), written as
+    /// `client-<cn>.pem` and `client-<cn>-key.pem`.
+    ///
+    /// # Panics
+    ///
+    /// When the CA cannot be read back or signing fails.
+    pub fn issue_client(&self, cn: &str) -> TlsFiles {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+        };
+        let key = KeyPair::from_pem(&read(&self.dir.join("ca-key.pem"))).expect("CA key");
+        let issuer = Issuer::from_ca_cert_pem(&read(&self.ca), key).expect("CA certificate");
+        leaf(&issuer, cn, &[], ExtendedKeyUsagePurpose::ClientAuth)
+            .write(&self.dir, &format!("client-{cn}"))
     }
 }
 
@@ -94,7 +115,7 @@ fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
 }
 
 fn leaf(
-    ca: &CertifiedIssuer<'static, KeyPair>,
+    ca: &Issuer<'_, impl rcgen::SigningKey>,
     name: &str,
     sans: &[&str],
     usage: ExtendedKeyUsagePurpose,
