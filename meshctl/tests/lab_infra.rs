@@ -7,9 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kvstore::KvWrite as _;
+use meshctl::clustermesh::access::EtcdAdmin;
 use meshctl::clustermesh::config::{self, ConfigError, EtcdConfig};
 use meshctl::clustermesh::external::{self, ExternalError};
-use meshctl::lab::state::{Encryption, LabState, Routing};
+use meshctl::lab::state::{ClusterState, Encryption, LabState, Routing};
 use meshctl::lab::{self, ip, plan, supervise, UpOptions};
 use meshctl::netprobe;
 use meshctl::progress::Progress;
@@ -33,23 +35,42 @@ fn lab_name() -> String {
     format!("i{}", std::process::id() % 1_000_000_000)
 }
 
-fn put_plain(netns: &str, kvs: Vec<(String, String)>) {
-    ip::in_netns(netns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let endpoint = format!("http://127.0.0.1:{}", plan::ETCD_LOCAL_PORT);
-            let mut client = etcd_client::Client::connect([endpoint], None)
-                .await
-                .expect("connect to the plain local listener");
-            for (k, v) in kvs {
-                client.put(k, v, None).await.expect("put");
-            }
-        });
+/// A kvstore client of `config`, made and used inside `netns`.
+fn in_netns_with<T: Send + 'static, Fut>(
+    netns: &str,
+    config: &EtcdConfig,
+    f: impl FnOnce(Result<kvstore::EtcdBackend, kvstore::ConnectError>) -> Fut + Send + 'static,
+) -> T
+where
+    Fut: std::future::Future<Output = T>,
+{
+    let config = kvstore::EtcdConfig::from_endpoints(
+        config.endpoints.clone(),
+        &kvstore::TlsPaths {
+            trusted_ca_file: config.trusted_ca_file.clone(),
+            cert_file: config.cert_file.clone(),
+            key_file: config.key_file.clone(),
+        },
+    )
+    .unwrap();
+    ip::block_on(Some(netns), move || async move {
+        f(kvstore::connect(&config).await).await
     })
-    .expect("enter control namespace");
+    .expect("enter the namespace")
+}
+
+/// Writes `kvs` into `cluster`'s etcd as its `root` user.
+fn put_as_root(state: &LabState, cluster: &ClusterState, kvs: Vec<(String, String)>) {
+    let root = lab::etcd_config_for(state, cluster, kvstore::auth::ROOT_USER).unwrap();
+    in_netns_with(&cluster.control_netns, &root, |client| async move {
+        let client = client.expect("root connects");
+        for (k, v) in kvs {
+            client
+                .put(&k, v.as_bytes(), None)
+                .await
+                .expect("put as root");
+        }
+    });
 }
 
 /// Reads the facts through `config` installed as a file, from inside `netns`.
@@ -134,8 +155,9 @@ fn topology_mtls_etcd_and_down() {
     }
     state.save().unwrap();
     let c2 = state.clusters[1].clone();
-    put_plain(
-        &c2.control_netns,
+    put_as_root(
+        &state,
+        &c2,
         vec![
             (
                 "cilium/cluster-config/c2".into(),
@@ -150,8 +172,17 @@ fn topology_mtls_etcd_and_down() {
         ],
     );
 
-    // c1's node reads c2's etcd over mTLS with the certificate c2's CA issued for c1.
-    let good = lab::etcd_config_for(&state, &c2, "c1").unwrap();
+    // c1's node reads c2's etcd over mTLS as c2's user remote-c1, with the
+    // certificate c2's CA issued for it.
+    let c2_pki = lab::Layout::new(&state.dir).pki("c2");
+    let admin = EtcdAdmin {
+        cluster: "c2",
+        pki: &c2_pki,
+        endpoints: vec![format!("https://127.0.0.1:{}", plan::ETCD_LOCAL_PORT)],
+        netns: Some(&c2.control_netns),
+    };
+    admin.add_reader("remote-c1").unwrap();
+    let good = lab::etcd_config_for(&state, &c2, "remote-c1").unwrap();
     let facts = read_facts_from(&c1n1, good.clone()).expect("mTLS read of c2 from c1-n1");
     assert_eq!(facts.name, "c2");
     assert_eq!(facts.id, 2);
@@ -182,6 +213,46 @@ fn topology_mtls_etcd_and_down() {
     };
     let err = read_facts_from(&c1n1, anonymous).unwrap_err();
     assert!(matches!(err, ExternalError::Connect { .. }), "{err}");
+
+    // The reader writes nothing; a certificate of c2's CA for a name that is
+    // no user reads nothing; and neither loopback listener of c2's control
+    // namespace is a way around that.
+    in_netns_with(&c1n1, &good, |client| async move {
+        let err = client
+            .unwrap()
+            .put("cilium/state/nodes/v1/c2/x", b"{}", None)
+            .await
+            .unwrap_err();
+        assert!(err.is_permission_denied(), "{err}");
+    });
+    let stranger = lab::etcd_config_for(&state, &c2, "remote-c9").unwrap();
+    let err = read_facts_from(&c1n1, stranger).unwrap_err();
+    assert!(matches!(err, ExternalError::Connect { .. }), "{err}");
+    for port in [plan::ETCD_LOCAL_PORT, plan::ETCD_METRICS_PORT] {
+        let plain = EtcdConfig {
+            endpoints: vec![format!("http://127.0.0.1:{port}")],
+            trusted_ca_file: None,
+            cert_file: None,
+            key_file: None,
+        };
+        let refused = in_netns_with(&c2.control_netns, &plain, |client| async move {
+            match client {
+                Err(_) => true,
+                Ok(c) => c.put("cilium/x", b"x", None).await.is_err(),
+            }
+        });
+        assert!(refused, "plain text on 127.0.0.1:{port} is refused");
+    }
+    assert!(admin.revoke("remote-c1").unwrap());
+    let err = read_facts_from(&c1n1, good.clone()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ExternalError::Read { .. } | ExternalError::Connect { .. }
+        ),
+        "{err}"
+    );
+    admin.add_reader("remote-c1").unwrap();
 
     // The config file installs in Cilium's layout and loads back.
     let agent_dir = state.clusters[0].nodes[0].clustermesh_dir.clone();

@@ -7,26 +7,33 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
-use crate::clustermesh::{self, config::EtcdConfig, status};
+use crate::clustermesh::{self, access::EtcdAdmin, config::EtcdConfig, status};
 use crate::lab::{self, plan, Layout};
 use crate::pki::ClusterPki;
+use kvstore::auth;
 
 use super::{load, print_json, Cli, Output};
 
 /// `meshctl clustermesh ...`
 #[derive(Debug, Subcommand)]
 pub enum ClustermeshCommand {
-    /// Certificates for a cluster's etcd, and (in a lab) etcd with mutual TLS.
+    /// Certificates for a cluster's etcd, and its users and roles with
+    /// authentication on (in a lab: etcd itself, restarted with mutual TLS).
     Enable {
         /// The cluster.
         #[arg(long)]
         cluster: String,
-        /// Outside a lab: write the PKI here and start nothing.
+        /// Outside a lab: write the PKI here (root, apiserver and local
+        /// client certificates included).
         #[arg(long)]
         pki_dir: Option<PathBuf>,
         /// Outside a lab: IP addresses etcd serves on (server certificate SANs).
         #[arg(long, value_delimiter = ',')]
         server_ip: Vec<std::net::IpAddr>,
+        /// Outside a lab: the etcd (already running with the printed flags)
+        /// whose users and roles to set up, as root.
+        #[arg(long, value_delimiter = ',')]
+        endpoints: Vec<String>,
     },
     /// Let the agents of `--source` read `--destination` (and the other way round).
     Connect(ConnectArgs),
@@ -43,17 +50,34 @@ pub enum ClustermeshCommand {
         unidirectional: bool,
     },
     /// Write a Cilium-style config (and a client certificate) with which another
-    /// cluster's agents read `--cluster`'s etcd.
+    /// cluster's agents read `--cluster`'s etcd, as its read-only user
+    /// `remote-<reader>` (created).
     Export {
         /// The cluster to be read.
         #[arg(long)]
         cluster: String,
-        /// Name of the reading cluster (the client certificate's CN).
+        /// Name of the reading cluster.
         #[arg(long)]
         reader: String,
         /// Directory to write `<cluster>` and its certificates into.
         #[arg(long)]
         output: PathBuf,
+        /// Outside a lab: the PKI directory of `enable --pki-dir`.
+        #[arg(long)]
+        pki_dir: Option<PathBuf>,
+        /// Outside a lab: etcd endpoints.
+        #[arg(long, value_delimiter = ',')]
+        endpoints: Vec<String>,
+    },
+    /// Delete the read-only user `remote-<reader>` from `--cluster`'s etcd:
+    /// the certificate `export` gave it no longer authenticates.
+    Revoke {
+        /// The cluster that was read.
+        #[arg(long)]
+        cluster: String,
+        /// Name of the reading cluster.
+        #[arg(long)]
+        reader: String,
         /// Outside a lab: the PKI directory of `enable --pki-dir`.
         #[arg(long)]
         pki_dir: Option<PathBuf>,
@@ -105,26 +129,51 @@ pub struct ConnectArgs {
     pub unidirectional: bool,
 }
 
+/// The administrator of an etcd outside a lab, reached from here.
+fn external_admin<'a>(
+    cluster: &'a str,
+    pki: &'a ClusterPki,
+    endpoints: &[String],
+) -> EtcdAdmin<'a> {
+    EtcdAdmin {
+        cluster,
+        pki,
+        endpoints: endpoints.to_vec(),
+        netns: None,
+    }
+}
+
 pub(super) fn clustermesh_command(cli: &Cli, cmd: &ClustermeshCommand) -> Result<ExitCode> {
     match cmd {
         ClustermeshCommand::Enable {
             cluster,
             pki_dir: Some(dir),
             server_ip,
+            endpoints,
         } => {
             if server_ip.is_empty() {
                 bail!("--pki-dir needs --server-ip (the addresses etcd serves on)");
             }
             let pki = ClusterPki::new(dir);
             pki.enable(cluster, server_ip)?;
-            pki.issue_client(lab::LOCAL_READER)?;
+            for user in [auth::ROOT_USER, auth::APISERVER_USER, auth::LOCAL_READER] {
+                pki.issue_client(user)?;
+            }
             println!(
-                "PKI of {cluster} in {}: run etcd with --client-cert-auth --trusted-ca-file {} --cert-file {} --key-file {}",
+                "PKI of {cluster} in {}: run etcd with --client-cert-auth --trusted-ca-file {} --cert-file {} --key-file {}; the apiserver uses client-{}.crt, the agents client-{}.crt",
                 dir.display(),
                 pki.ca_cert().display(),
                 pki.server().cert.display(),
-                pki.server().key.display()
+                pki.server().key.display(),
+                auth::APISERVER_USER,
+                auth::LOCAL_READER,
             );
+            if endpoints.is_empty() {
+                println!("then run this again with --endpoints to set up etcd's users and roles");
+            } else {
+                external_admin(cluster, &pki, endpoints).enable()?;
+                println!("etcd of {cluster}: users and roles set up, authentication on");
+            }
         }
         ClustermeshCommand::Enable { cluster, .. } => {
             let mut state = load(cli)?;
@@ -184,15 +233,19 @@ pub(super) fn clustermesh_command(cli: &Cli, cmd: &ClustermeshCommand) -> Result
             pki_dir,
             endpoints,
         } => {
+            let user = auth::remote_reader(reader);
             let (pki, endpoints) = match pki_dir {
                 Some(dir) => {
                     if endpoints.is_empty() {
                         bail!("--pki-dir needs --endpoints (the etcd URLs the reader dials)");
                     }
-                    (ClusterPki::new(dir), endpoints.clone())
+                    let pki = ClusterPki::new(dir);
+                    external_admin(cluster, &pki, endpoints).add_reader(&user)?;
+                    (pki, endpoints.clone())
                 }
                 None => {
                     let state = load(cli)?;
+                    lab::add_reader(&state, cluster, &user)?;
                     let c = lab::find_cluster(&state, cluster)?;
                     (
                         Layout::new(&state.dir).pki(cluster),
@@ -200,7 +253,7 @@ pub(super) fn clustermesh_command(cli: &Cli, cmd: &ClustermeshCommand) -> Result
                     )
                 }
             };
-            let client = pki.issue_client(reader)?;
+            let client = pki.issue_client(&user)?;
             let path = EtcdConfig {
                 endpoints,
                 trusted_ca_file: Some(pki.ca_cert()),
@@ -209,6 +262,28 @@ pub(super) fn clustermesh_command(cli: &Cli, cmd: &ClustermeshCommand) -> Result
             }
             .install(output, cluster)?;
             println!("wrote {}", path.display());
+        }
+        ClustermeshCommand::Revoke {
+            cluster,
+            reader,
+            pki_dir,
+            endpoints,
+        } => {
+            let user = auth::remote_reader(reader);
+            let revoked = match pki_dir {
+                Some(dir) => {
+                    if endpoints.is_empty() {
+                        bail!("--pki-dir needs --endpoints (the etcd to revoke the user in)");
+                    }
+                    external_admin(cluster, &ClusterPki::new(dir), endpoints).revoke(&user)?
+                }
+                None => lab::revoke_reader(&load(cli)?, cluster, &user)?,
+            };
+            if revoked {
+                println!("etcd of {cluster}: user {user} deleted");
+            } else {
+                println!("etcd of {cluster}: there was no user {user}");
+            }
         }
         ClustermeshCommand::Status {
             cluster,

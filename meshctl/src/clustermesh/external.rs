@@ -87,10 +87,8 @@ pub enum ExternalError {
         #[source]
         source: Box<api::ValidationError>,
     },
-    /// The tokio runtime could not start.
-    #[error("cannot start an async runtime")]
-    Runtime(#[source] std::io::Error),
-    /// The network namespace to read from could not be entered.
+    /// The network namespace to read from could not be entered, or no
+    /// runtime could start there.
     #[error("cannot read the external cluster from inside network namespace {netns}")]
     Netns {
         /// The namespace.
@@ -114,25 +112,14 @@ pub fn read_facts(
     name: Option<&str>,
     netns: Option<&str>,
 ) -> Result<ClusterFacts, ExternalError> {
-    let read = {
-        let (path, name) = (path.to_owned(), name.map(str::to_owned));
-        move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(ExternalError::Runtime)?;
-            runtime.block_on(read_facts_async(&path, name.as_deref()))
-        }
-    };
-    match netns {
-        Some(netns) => {
-            crate::lab::ip::in_netns(netns, read).map_err(|source| ExternalError::Netns {
-                netns: netns.to_owned(),
-                source,
-            })?
-        }
-        None => read(),
-    }
+    let (owned_path, name) = (path.to_owned(), name.map(str::to_owned));
+    crate::lab::ip::block_on(netns, move || async move {
+        read_facts_async(&owned_path, name.as_deref()).await
+    })
+    .map_err(|source| ExternalError::Netns {
+        netns: netns.unwrap_or("(this one)").to_owned(),
+        source,
+    })?
 }
 
 async fn read_facts_async(path: &Path, name: Option<&str>) -> Result<ClusterFacts, ExternalError> {

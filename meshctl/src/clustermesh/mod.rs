@@ -1,11 +1,13 @@
 //! `meshctl clustermesh`: joining clusters and showing the state of the mesh.
 //!
+//! * [`access`]: the users and roles of a cluster's etcd (least privilege).
 //! * [`config`]: Cilium-format remote-cluster config files and the clash
 //!   checks (`connect` refuses duplicate names, IDs and overlapping pod CIDRs).
 //! * [`external`]: reads an external cluster's name, ID and pod CIDRs from its
 //!   etcd, for `connect --destination-config`.
 //! * [`status`]: aggregates the node agents' status sockets.
 
+pub mod access;
 pub mod config;
 pub mod external;
 pub mod status;

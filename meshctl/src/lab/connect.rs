@@ -3,9 +3,11 @@
 
 use crate::clustermesh::config::{self, ClusterFacts};
 
-use super::daemons::etcd_config_for;
+use kvstore::auth;
+
+use super::daemons::{etcd_admin, etcd_config_for};
 use super::state::{ClusterState, Connection, LabState};
-use super::LabError;
+use super::{LabError, Layout};
 
 /// Finds a lab cluster by name.
 ///
@@ -53,9 +55,11 @@ pub fn cluster_facts(lab: &LabState, cluster: &ClusterState) -> ClusterFacts {
 }
 
 /// Connects lab clusters: the agents of `source` read `destination`'s etcd,
-/// and (when `both`) the other way round. Each direction writes the
-/// destination's config and a client certificate issued by the destination's
-/// CA into every source agent's `--clustermesh-config` directory.
+/// and (when `both`) the other way round. Each direction creates the
+/// read-only user `remote-<source>` in the destination's etcd and writes
+/// the destination's config with a client certificate of that name, issued
+/// by the destination's CA, into every source agent's
+/// `--clustermesh-config` directory.
 ///
 /// # Errors
 ///
@@ -71,7 +75,11 @@ pub fn connect(
     let (a, b) = &directions[0];
     config::check_compatible(&cluster_facts(lab, a), &cluster_facts(lab, b))?;
     for (src, dst) in directions {
-        let config = etcd_config_for(lab, &dst, &src.name)?;
+        // The source reads as its own user, which the destination creates.
+        let reader = auth::remote_reader(&src.name);
+        let pki = Layout::new(&lab.dir).pki(&dst.name);
+        etcd_admin(&dst, &pki).add_reader(&reader)?;
+        let config = etcd_config_for(lab, &dst, &reader)?;
         for node in &src.nodes {
             config.install(&node.clustermesh_dir, &dst.name)?;
         }
@@ -87,11 +95,13 @@ pub fn connect(
     Ok(())
 }
 
-/// Removes what [`connect`] wrote (both directions unless `unidirectional`).
+/// Removes what [`connect`] wrote (both directions unless `unidirectional`)
+/// and revokes the source's user in the destination's etcd, so the
+/// certificate it was given no longer authenticates.
 ///
 /// # Errors
 ///
-/// [`LabError::NoCluster`] or I/O errors.
+/// [`LabError::NoCluster`], I/O errors, or [`LabError::Access`].
 pub fn disconnect(
     lab: &mut LabState,
     source: &str,
@@ -102,9 +112,34 @@ pub fn disconnect(
         for node in &src.nodes {
             config::uninstall(&node.clustermesh_dir, &dst.name)?;
         }
+        let pki = Layout::new(&lab.dir).pki(&dst.name);
+        etcd_admin(&dst, &pki).revoke(&auth::remote_reader(&src.name))?;
         lab.connections
             .retain(|c| !(c.source == src.name && c.destination == dst.name));
     }
     lab.save()?;
     Ok(())
+}
+
+/// Adds the read-only user `user` to lab cluster `cluster`'s etcd.
+///
+/// # Errors
+///
+/// [`LabError::NoCluster`] or [`LabError::Access`].
+pub fn add_reader(lab: &LabState, cluster: &str, user: &str) -> Result<(), LabError> {
+    let c = find_cluster(lab, cluster)?;
+    let pki = Layout::new(&lab.dir).pki(cluster);
+    Ok(etcd_admin(c, &pki).add_reader(user)?)
+}
+
+/// Deletes the user `user` from lab cluster `cluster`'s etcd; `Ok(false)`
+/// when there was none.
+///
+/// # Errors
+///
+/// [`LabError::NoCluster`] or [`LabError::Access`].
+pub fn revoke_reader(lab: &LabState, cluster: &str, user: &str) -> Result<bool, LabError> {
+    let c = find_cluster(lab, cluster)?;
+    let pki = Layout::new(&lab.dir).pki(cluster);
+    Ok(etcd_admin(c, &pki).revoke(user)?)
 }

@@ -7,7 +7,10 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::clustermesh::access::EtcdAdmin;
 use crate::clustermesh::config::EtcdConfig;
+use crate::pki::ClusterPki;
+use kvstore::auth;
 
 use super::connect::find_cluster;
 use super::ip;
@@ -39,13 +42,17 @@ pub fn etcd_config_for(
     })
 }
 
-/// `clustermesh enable` for a lab cluster: PKI, then etcd with TLS and
-/// client-certificate auth on the control IP (plus a plain listener on the
-/// control namespace's loopback, reachable only by the local apiserver).
+/// `clustermesh enable` for a lab cluster: PKI, then etcd with mutual TLS
+/// on the control IP and on the control namespace's loopback (the
+/// apiserver's), `/health` in plain HTTP on loopback, and then its users and
+/// roles with authentication on ([`crate::clustermesh::access`]): every
+/// client is a user named by its certificate, and may do only what its role
+/// allows.
 ///
 /// # Errors
 ///
-/// [`LabError`] when certificates cannot be made or etcd does not become healthy.
+/// [`LabError`] when certificates cannot be made, etcd does not become
+/// healthy or refuses the users and roles.
 pub fn enable_cluster(
     lab: &LabState,
     cluster: &ClusterState,
@@ -61,13 +68,15 @@ pub fn enable_cluster(
     std::fs::create_dir_all(&data).map_err(FileError::at("create", &data))?;
     let server = pki.server();
     let peer = "http://127.0.0.1:2380";
-    let local = format!("http://127.0.0.1:{}", plan::ETCD_LOCAL_PORT);
+    let local = local_etcd_endpoint();
     let tls = format!("https://{}:{}", cluster.control_ip, plan::ETCD_TLS_PORT);
+    let metrics = format!("http://127.0.0.1:{}", plan::ETCD_METRICS_PORT);
     let args = [
         ("--name", cluster.name.clone()),
         ("--data-dir", data.display().to_string()),
         ("--listen-client-urls", format!("{local},{tls}")),
         ("--advertise-client-urls", tls),
+        ("--listen-metrics-urls", metrics),
         ("--listen-peer-urls", peer.to_owned()),
         ("--initial-advertise-peer-urls", peer.to_owned()),
         ("--initial-cluster", format!("{}={peer}", cluster.name)),
@@ -89,10 +98,26 @@ pub fn enable_cluster(
         env: vec![],
     })?;
     wait_etcd(cluster, &record)?;
+    etcd_admin(cluster, &pki).enable()?;
     Ok(record)
 }
 
-/// Waits until a cluster's etcd answers `/health` on its local listener.
+/// The URL of a lab etcd's loopback listener, inside its control namespace.
+fn local_etcd_endpoint() -> String {
+    format!("https://127.0.0.1:{}", plan::ETCD_LOCAL_PORT)
+}
+
+/// The administrator of a lab cluster's etcd, from its control namespace.
+pub(super) fn etcd_admin<'a>(cluster: &'a ClusterState, pki: &'a ClusterPki) -> EtcdAdmin<'a> {
+    EtcdAdmin {
+        cluster: &cluster.name,
+        pki,
+        endpoints: vec![local_etcd_endpoint()],
+        netns: Some(&cluster.control_netns),
+    }
+}
+
+/// Waits until a cluster's etcd answers `/health` on its metrics listener.
 ///
 /// # Errors
 ///
@@ -101,12 +126,12 @@ pub fn wait_etcd(cluster: &ClusterState, record: &ProcessRecord) -> Result<(), L
     let what = format!(
         "etcd of {} to answer /health on 127.0.0.1:{} in {}",
         cluster.name,
-        plan::ETCD_LOCAL_PORT,
+        plan::ETCD_METRICS_PORT,
         cluster.control_netns
     );
     let netns = cluster.control_netns.clone();
     supervise::wait_ready(&what, record, READY_TIMEOUT, || {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, plan::ETCD_LOCAL_PORT));
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, plan::ETCD_METRICS_PORT));
         let body = ip::in_netns(&netns, move || http_get(addr, "/health"))
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
@@ -133,13 +158,23 @@ pub(super) fn start_apiserver(
     let layout = Layout::new(&lab.dir);
     let grpc = SocketAddr::from((cluster.control_ip, plan::APISERVER_GRPC_PORT));
     let health = SocketAddr::from((cluster.control_ip, plan::APISERVER_HEALTH_PORT));
+    // The apiserver is the one writer: etcd's user `apiserver`.
+    let pki = layout.pki(&cluster.name);
+    let client = pki.issue_client(auth::APISERVER_USER)?;
+    let etcd_config = EtcdConfig {
+        endpoints: vec![local_etcd_endpoint()],
+        trusted_ca_file: Some(pki.ca_cert()),
+        cert_file: Some(client.cert),
+        key_file: Some(client.key),
+    }
+    .install(
+        &layout.cluster(&cluster.name).join("apiserver-etcd"),
+        &cluster.name,
+    )?;
     let args = vec![
         format!("--cluster-name={}", cluster.name),
         format!("--cluster-id={}", cluster.id),
-        format!(
-            "--etcd-endpoints=http://127.0.0.1:{}",
-            plan::ETCD_LOCAL_PORT
-        ),
+        format!("--etcd-config={}", etcd_config.display()),
         format!("--grpc-listen={grpc}"),
         format!("--health-listen={health}"),
         "--source=standalone".to_owned(),

@@ -59,6 +59,36 @@ pub enum IpError {
         #[source]
         source: std::io::Error,
     },
+    /// The tokio runtime could not start.
+    #[error("cannot start an async runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Runs the future `f` makes to completion on a runtime of its own, from
+/// inside network namespace `netns` when given (the lab's addresses exist
+/// only there), else in this one.
+///
+/// # Errors
+///
+/// [`IpError::Enter`] or [`IpError::Runtime`]; the future's own result is
+/// returned inside `Ok`.
+pub fn block_on<T, Fut, F>(netns: Option<&str>, f: F) -> Result<T, IpError>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    F: FnOnce() -> Fut + Send + 'static,
+{
+    let run = move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|runtime| runtime.block_on(f()))
+            .map_err(IpError::Runtime)
+    };
+    match netns {
+        Some(netns) => in_netns(netns, run)?,
+        None => run(),
+    }
 }
 
 /// Runs a command, returning its stdout; a non-zero exit is an [`IpError::Failed`].

@@ -41,7 +41,7 @@ mod status;
 mod topology;
 mod up;
 
-pub use connect::{cluster_facts, connect, disconnect, find_cluster};
+pub use connect::{add_reader, cluster_facts, connect, disconnect, find_cluster, revoke_reader};
 pub use daemons::{enable_cluster, etcd_config_for, restart_etcd, wait_etcd};
 pub use down::{down, DownReport};
 pub use status::{status, LabStatus, ProcessStatus};
@@ -54,8 +54,8 @@ pub const DEFAULT_ROOT: &str = "/run/mesh-lab";
 /// How long one process gets to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Client certificate name of a cluster's own agents.
-pub const LOCAL_READER: &str = "local";
+/// The etcd user (certificate CN) of a cluster's own agents.
+pub const LOCAL_READER: &str = kvstore::auth::LOCAL_READER;
 
 /// Errors of lab operations.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +84,9 @@ pub enum LabError {
     /// Clustermesh status (e.g. not ready in time).
     #[error(transparent)]
     Status(#[from] crate::clustermesh::status::StatusError),
+    /// Setting up who may use a cluster's etcd.
+    #[error(transparent)]
+    Access(#[from] crate::clustermesh::access::AccessError),
     /// A needed program is missing.
     #[error("cannot find the `{name}` program (looked in {looked}); build it with `cargo build --workspace` or put it on PATH")]
     MissingBinary {

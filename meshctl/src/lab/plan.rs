@@ -35,8 +35,12 @@ pub const MAX_CLUSTERS: u8 = 200;
 pub const MAX_NODES: u8 = 200;
 /// Port of every lab etcd's mutual-TLS client listener, on the control IP.
 pub const ETCD_TLS_PORT: u16 = 2379;
-/// Port of every lab etcd's plain client listener, on loopback of the control namespace.
+/// Port of every lab etcd's mutual-TLS client listener on loopback of the
+/// control namespace: the apiserver's, and the administrator's.
 pub const ETCD_LOCAL_PORT: u16 = 2381;
+/// Port of every lab etcd's plain HTTP `/health` and `/metrics` listener,
+/// on loopback of the control namespace (no key-value API).
+pub const ETCD_METRICS_PORT: u16 = 2382;
 /// Port of every lab clustermesh-apiserver's gRPC listener, on the control IP.
 pub const APISERVER_GRPC_PORT: u16 = 9870;
 /// Port of every lab clustermesh-apiserver's health listener, on the control IP.
