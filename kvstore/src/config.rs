@@ -97,13 +97,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// An entry of `allowed-pod-cidrs` is not a CIDR.
-    #[error(
-        "etcd config {origin}: {value:?} in `allowed-pod-cidrs` is not a CIDR (e.g. 10.20.0.0/16)"
-    )]
+    /// An entry of `allowed-pod-cidrs` or `allowed-node-cidrs` is not a CIDR.
+    #[error("etcd config {origin}: {value:?} in `{key}` is not a CIDR (e.g. 10.20.0.0/16)")]
     InvalidCidr {
         /// The config file.
         origin: String,
+        /// The key.
+        key: &'static str,
         /// The offending entry.
         value: String,
     },
@@ -155,10 +155,12 @@ struct FileFormat {
     trusted_ca_file: Option<PathBuf>,
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
-    /// The mesh's extension (Cilium does not read it): CIDRs where the
-    /// cluster's endpoints may lie besides its nodes' pod CIDRs.
+    /// The mesh's extensions (Cilium does not read them): the cluster's pod
+    /// address space, and its nodes' underlay addresses.
     #[serde(default)]
     allowed_pod_cidrs: Vec<String>,
+    #[serde(default)]
+    allowed_node_cidrs: Vec<String>,
 }
 
 /// TLS material, read from files.
@@ -189,9 +191,13 @@ pub struct EtcdConfig {
     /// Deadline of establishing a connection (default 5 s).
     pub connect_timeout: Duration,
     /// `allowed-pod-cidrs:` of the config file (the mesh's extension of
-    /// Cilium's format): where the cluster's endpoints may lie besides its
-    /// nodes' pod CIDRs, for pods that take VPC addresses.
+    /// Cilium's format): the cluster's pod address space. Its nodes' pod
+    /// CIDRs must lie inside, and its endpoints may lie anywhere inside (for
+    /// pods that take VPC addresses).
     pub allowed_pod_cidrs: Vec<ipnet::IpNet>,
+    /// `allowed-node-cidrs:`: where the cluster's nodes' underlay addresses
+    /// must lie.
+    pub allowed_node_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Paths of TLS files for [`EtcdConfig::from_endpoints`], as a config file
@@ -230,19 +236,23 @@ impl EtcdConfig {
             key_file: resolve(file.key_file),
         };
         let origin = path.display().to_string();
-        let allowed_pod_cidrs = file
-            .allowed_pod_cidrs
-            .iter()
-            .map(|c| {
-                c.parse::<ipnet::IpNet>()
-                    .map_err(|_| ConfigError::InvalidCidr {
-                        origin: origin.clone(),
-                        value: c.clone(),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        let cidrs = |key: &'static str, list: &[String]| {
+            list.iter()
+                .map(|c| {
+                    c.parse::<ipnet::IpNet>()
+                        .map_err(|_| ConfigError::InvalidCidr {
+                            origin: origin.clone(),
+                            key,
+                            value: c.clone(),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let allowed_pod_cidrs = cidrs("allowed-pod-cidrs", &file.allowed_pod_cidrs)?;
+        let allowed_node_cidrs = cidrs("allowed-node-cidrs", &file.allowed_node_cidrs)?;
         Ok(Self {
             allowed_pod_cidrs,
+            allowed_node_cidrs,
             ..Self::build(file.endpoints, &paths, origin)?
         })
     }
@@ -348,6 +358,7 @@ impl EtcdConfig {
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             allowed_pod_cidrs: Vec::new(),
+            allowed_node_cidrs: Vec::new(),
         })
     }
 

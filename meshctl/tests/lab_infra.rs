@@ -234,6 +234,8 @@ fn topology_mtls_etcd_and_down() {
             trusted_ca_file: None,
             cert_file: None,
             key_file: None,
+            allowed_pod_cidrs: Vec::new(),
+            allowed_node_cidrs: Vec::new(),
         };
         let refused = in_netns_with(&c2.control_netns, &plain, |client| async move {
             match client {

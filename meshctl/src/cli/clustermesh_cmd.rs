@@ -259,6 +259,8 @@ pub(super) fn clustermesh_command(cli: &Cli, cmd: &ClustermeshCommand) -> Result
                 trusted_ca_file: Some(pki.ca_cert()),
                 cert_file: Some(client.cert),
                 key_file: Some(client.key),
+                allowed_pod_cidrs: Vec::new(),
+                allowed_node_cidrs: Vec::new(),
             }
             .install(output, cluster)?;
             println!("wrote {}", path.display());

@@ -100,6 +100,15 @@ pub struct EtcdConfig {
     /// Client key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+    /// The mesh's extension (not Cilium's): the cluster's pod address
+    /// space. Its nodes' pod CIDRs must lie inside; its endpoints may lie
+    /// anywhere inside (the agent's ownership checks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_pod_cidrs: Vec<ipnet::IpNet>,
+    /// The mesh's extension: where the cluster's nodes' underlay addresses
+    /// lie.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_node_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl EtcdConfig {
@@ -347,14 +356,25 @@ mod tests {
             trusted_ca_file: Some(src.join("ca.crt")),
             cert_file: Some(src.join("c.crt")),
             key_file: Some(src.join("c.key")),
+            allowed_pod_cidrs: vec!["10.2.0.0/16".parse().unwrap()],
+            allowed_node_cidrs: Vec::new(),
         };
         let agent = dir.path().join("agent");
         let path = config.install(&agent, "c2").unwrap();
         assert_eq!(path, agent.join("c2"));
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("trusted-ca-file:"), "{text}");
+        assert!(text.contains("allowed-pod-cidrs:"), "{text}");
+        assert!(
+            !text.contains("allowed-node-cidrs"),
+            "empty lists are left out: {text}"
+        );
+        // The agent reads what meshctl writes.
+        let agent_view = kvstore::EtcdConfig::from_file(&path).unwrap();
+        assert_eq!(agent_view.allowed_pod_cidrs, config.allowed_pod_cidrs);
         let loaded = EtcdConfig::load(&path).unwrap();
         assert_eq!(loaded.endpoints, config.endpoints);
+        assert_eq!(loaded.allowed_pod_cidrs, config.allowed_pod_cidrs);
         assert_eq!(
             std::fs::read_to_string(loaded.cert_file.unwrap()).unwrap(),
             "c.crt"

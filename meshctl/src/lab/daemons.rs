@@ -39,6 +39,10 @@ pub fn etcd_config_for(
         trusted_ca_file: Some(pki.ca_cert()),
         cert_file: Some(client.cert),
         key_file: Some(client.key),
+        // What the cluster owns, pinned at connect (`crate::clustermesh::access`
+        // sets who may read; these say what a reader accepts from it).
+        allowed_pod_cidrs: vec![plan::cluster_pod_cidr(cluster.id).into()],
+        allowed_node_cidrs: vec![plan::cluster_node_cidr(cluster.id).into()],
     })
 }
 
@@ -166,6 +170,8 @@ pub(super) fn start_apiserver(
         trusted_ca_file: Some(pki.ca_cert()),
         cert_file: Some(client.cert),
         key_file: Some(client.key),
+        allowed_pod_cidrs: Vec::new(),
+        allowed_node_cidrs: Vec::new(),
     }
     .install(
         &layout.cluster(&cluster.name).join("apiserver-etcd"),

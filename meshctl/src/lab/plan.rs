@@ -200,6 +200,11 @@ pub fn node_ip(n: u8, m: u8) -> Ipv4Addr {
 /// Prefix length of every underlay address (one flat L2 segment, see module docs).
 pub const UNDERLAY_PREFIX: u8 = 16;
 
+/// The underlay addresses of cluster `n`'s nodes and control namespace.
+pub fn cluster_node_cidr(n: u8) -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::new(192, 168, n, 0), 24).expect("24 is a valid prefix length")
+}
+
 /// Pod CIDR of cluster `n`.
 pub fn cluster_pod_cidr(n: u8) -> Ipv4Net {
     Ipv4Net::new(Ipv4Addr::new(10, n, 0, 0), 16).expect("16 is a valid prefix length")

@@ -24,12 +24,15 @@ pub struct Connection {
     pub backend: Arc<dyn ListWatch>,
     /// `allowed-pod-cidrs:` of the config file ([`crate::trust`]).
     pub allowed_pod_cidrs: Vec<ipnet::IpNet>,
+    /// `allowed-node-cidrs:` of the config file ([`crate::trust`]).
+    pub allowed_node_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("allowed_pod_cidrs", &self.allowed_pod_cidrs)
+            .field("allowed_node_cidrs", &self.allowed_node_cidrs)
             .finish_non_exhaustive()
     }
 }
@@ -76,6 +79,7 @@ impl Connector for EtcdConnector {
             Ok(Connection {
                 backend: Arc::new(backend),
                 allowed_pod_cidrs: config.allowed_pod_cidrs.clone(),
+                allowed_node_cidrs: config.allowed_node_cidrs.clone(),
             })
         })
     }

@@ -107,10 +107,11 @@ impl Context {
         connected: &mut bool,
     ) -> ClusterError {
         let cluster = name.as_str();
-        let (backend, allowed_pod_cidrs) = match self.connector.connect(cluster, source).await {
-            Ok(c) => (c.backend, c.allowed_pod_cidrs),
-            Err(e) => return e,
-        };
+        let (backend, allowed_pod_cidrs, allowed_node_cidrs) =
+            match self.connector.connect(cluster, source).await {
+                Ok(c) => (c.backend, c.allowed_pod_cidrs, c.allowed_node_cidrs),
+                Err(e) => return e,
+            };
         let waiting = || {
             self.set_status(cluster, |s| {
                 s.status = format!(
@@ -216,6 +217,7 @@ impl Context {
             services,
             changes,
             allowed_pod_cidrs,
+            allowed_node_cidrs,
         });
         self.mesh.update(name, |e| {
             e.refused = false;
@@ -393,6 +395,7 @@ mod tests {
                 Ok(Connection {
                     backend,
                     allowed_pod_cidrs: Vec::new(),
+                    allowed_node_cidrs: Vec::new(),
                 })
             })
         }

@@ -23,9 +23,11 @@ pub struct ClusterStores {
     pub services: ServiceSource,
     /// Endpoint and node changes the reconciler has not applied yet.
     pub changes: Arc<Changes>,
-    /// Where the operator allows this cluster's endpoints besides its
-    /// nodes' pod CIDRs (`allowed-pod-cidrs:` in its config file).
+    /// The cluster's pod address space, as the operator pinned it
+    /// (`allowed-pod-cidrs:` in its config file; [`crate::trust`]).
     pub allowed_pod_cidrs: Vec<ipnet::IpNet>,
+    /// Where its nodes' underlay addresses lie (`allowed-node-cidrs:`).
+    pub allowed_node_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Where a cluster publishes the backends of its global services, as its
@@ -166,6 +168,7 @@ pub(crate) mod test_support {
             scope,
             changes: Default::default(),
             allowed_pod_cidrs: Vec::new(),
+            allowed_node_cidrs: Vec::new(),
         };
         stores.nodes.wait_until_synced().await;
         stores.endpoints.wait_until_synced().await;

@@ -206,9 +206,14 @@ pub trait SourceView {
     fn node(&self, name: &str) -> Option<Arc<Node>>;
     /// Every node.
     fn nodes(&self) -> Vec<Arc<Node>>;
-    /// Where the operator allows this cluster's endpoints besides its
-    /// nodes' pod CIDRs (`allowed-pod-cidrs:` in its config file).
+    /// The cluster's pod address space, as the operator pinned it
+    /// (`allowed-pod-cidrs:` in its config file; empty: not pinned).
     fn allowed_pod_cidrs(&self) -> &[IpNet] {
+        &[]
+    }
+    /// Where the cluster's nodes' underlay addresses lie
+    /// (`allowed-node-cidrs:`; empty: not pinned).
+    fn allowed_node_cidrs(&self) -> &[IpNet] {
         &[]
     }
 }
@@ -241,6 +246,10 @@ impl SourceView for ClusterStores {
 
     fn allowed_pod_cidrs(&self) -> &[IpNet] {
         &self.allowed_pod_cidrs
+    }
+
+    fn allowed_node_cidrs(&self) -> &[IpNet] {
+        &self.allowed_node_cidrs
     }
 }
 

@@ -16,10 +16,12 @@
 //! A node record is refused ([`Reason`]) when
 //!
 //! * an underlay address (`InternalIP`, `ExternalIP`) is unspecified,
-//!   loopback, link-local or multicast;
+//!   loopback, link-local or multicast, or lies outside the cluster's
+//!   `allowed-node-cidrs` (when its config file pins them);
 //! * a pod CIDR is a default route, shorter than the minimum prefix
-//!   ([`Rules`]), or overlaps a reserved range (loopback, link-local, which
-//!   holds the service loopback address, multicast, IPv4-mapped);
+//!   ([`Rules`]), overlaps a reserved range (loopback, link-local, which
+//!   holds the service loopback address, multicast, IPv4-mapped), or lies
+//!   outside the cluster's `allowed-pod-cidrs` (when pinned);
 //! * a pod CIDR contains an underlay address of a node of its own cluster;
 //! * it conflicts with a node of **another** cluster: their pod CIDRs
 //!   overlap, one's underlay address lies in the other's pod CIDR, or both
@@ -29,10 +31,13 @@
 //! cluster wins against any remote cluster (its record stays, the remote
 //! one is refused); between two remote clusters *both* records are refused.
 //! So no cluster can take over addresses of the local cluster or of another
-//! cluster; a hostile cluster can at worst make another cluster's
-//! conflicting nodes unusable here, which shows as refusals of both. Only
-//! records that pass the checks of their own are compared, so a refused
-//! record takes nothing away from anyone.
+//! cluster. Only records that pass the checks of their own are compared,
+//! so a refused record takes nothing away from anyone: **pinning** a
+//! cluster's address spaces in its config file (`allowed-pod-cidrs:`,
+//! `allowed-node-cidrs:`, which `meshctl clustermesh connect` writes in a
+//! lab) makes a claim outside them fail on its own, so a hostile cluster
+//! cannot even make another cluster's nodes unusable; without pinning it
+//! can, and that shows as refusals of both.
 //!
 //! # Endpoints
 //!
@@ -79,12 +84,16 @@ use prefixes::Prefixes;
 pub enum Reason {
     /// A node's underlay address is unspecified, loopback, link-local or multicast.
     NodeAddressReserved,
+    /// A node's underlay address lies outside its cluster's `allowed-node-cidrs`.
+    NodeAddressOutsideAllowed,
     /// A node's pod CIDR is a default route.
     NodeCidrDefaultRoute,
     /// A node's pod CIDR is shorter than the minimum prefix.
     NodeCidrTooShort,
     /// A node's pod CIDR overlaps loopback, link-local, multicast or IPv4-mapped space.
     NodeCidrReserved,
+    /// A node's pod CIDR lies outside its cluster's `allowed-pod-cidrs`.
+    NodeCidrOutsideAllowed,
     /// A node's pod CIDR contains a node's underlay address.
     NodeCidrContainsNodeAddress,
     /// A node's pod CIDR overlaps one of the local cluster.
@@ -118,9 +127,11 @@ impl Reason {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::NodeAddressReserved => "node-address-reserved",
+            Self::NodeAddressOutsideAllowed => "node-address-outside-allowed",
             Self::NodeCidrDefaultRoute => "node-cidr-default-route",
             Self::NodeCidrTooShort => "node-cidr-too-short",
             Self::NodeCidrReserved => "node-cidr-reserved",
+            Self::NodeCidrOutsideAllowed => "node-cidr-outside-allowed",
             Self::NodeCidrContainsNodeAddress => "node-cidr-contains-node-address",
             Self::NodeCidrOverlapsLocalCluster => "node-cidr-overlaps-local-cluster",
             Self::NodeCidrOverlapsOtherCluster => "node-cidr-overlaps-other-cluster",
@@ -201,12 +212,24 @@ struct Record {
     local: bool,
     addresses: Vec<IpAddr>,
     cidrs: Vec<IpNet>,
+    /// The cluster's pinned address spaces (empty: not pinned).
+    allowed_pods: Arc<[IpNet]>,
+    allowed_nodes: Arc<[IpNet]>,
 }
 
 /// The checks of a node record on its own.
 fn intrinsic(record: &Record, rules: &Rules) -> Option<Reason> {
+    let within = |pinned: &[IpNet], inner: &IpNet| pinned.iter().any(|p| p.contains(inner));
     if record.addresses.iter().any(|a| reserved_address(*a)) {
         return Some(Reason::NodeAddressReserved);
+    }
+    if !record.allowed_nodes.is_empty()
+        && !record
+            .addresses
+            .iter()
+            .all(|a| within(&record.allowed_nodes, &IpNet::from(*a)))
+    {
+        return Some(Reason::NodeAddressOutsideAllowed);
     }
     record.cidrs.iter().find_map(|cidr| {
         let min = match cidr {
@@ -219,6 +242,8 @@ fn intrinsic(record: &Record, rules: &Rules) -> Option<Reason> {
             Some(Reason::NodeCidrTooShort)
         } else if reserved().any(|r| r.contains(cidr) || cidr.contains(&r)) {
             Some(Reason::NodeCidrReserved)
+        } else if !record.allowed_pods.is_empty() && !within(&record.allowed_pods, cidr) {
+            Some(Reason::NodeCidrOutsideAllowed)
         } else {
             None
         }
@@ -257,6 +282,18 @@ impl Verdicts {
     pub fn judge<S: SourceView>(clusters: &[ActiveCluster<S>], rules: &Rules) -> Self {
         let mut records = Vec::new();
         for (ci, cluster) in clusters.iter().enumerate() {
+            let pinned = |f: fn(&S) -> &[IpNet]| -> Arc<[IpNet]> {
+                let mut all: Vec<IpNet> = cluster
+                    .sources
+                    .iter()
+                    .flat_map(|s| f(s).iter().copied())
+                    .collect();
+                all.sort_unstable();
+                all.dedup();
+                all.into()
+            };
+            let allowed_pods = pinned(S::allowed_pod_cidrs);
+            let allowed_nodes = pinned(S::allowed_node_cidrs);
             for (si, source) in cluster.sources.iter().enumerate() {
                 let mut nodes = source.nodes();
                 nodes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -267,6 +304,8 @@ impl Verdicts {
                     local: cluster.local,
                     addresses: underlay_addresses(node).collect(),
                     cidrs: node.pod_cidrs().iter().map(IpNet::trunc).collect(),
+                    allowed_pods: allowed_pods.clone(),
+                    allowed_nodes: allowed_nodes.clone(),
                 }));
             }
         }
@@ -476,6 +515,10 @@ impl<S: SourceView> SourceView for Vetted<S> {
     fn allowed_pod_cidrs(&self) -> &[IpNet] {
         self.stores.allowed_pod_cidrs()
     }
+
+    fn allowed_node_cidrs(&self) -> &[IpNet] {
+        self.stores.allowed_node_cidrs()
+    }
 }
 
 /// `clusters` seen through `verdicts`.
@@ -552,7 +595,7 @@ impl Tally {
             .find_map(|s| s.endpoint(ip))
             .and_then(|ep| verdicts.endpoint(cluster, &ep));
         match reason {
-            Some(reason) => (self.records.insert(key, reason) != Some(reason)).then_some(reason),
+            Some(reason) => self.records.insert(key, reason).is_none().then_some(reason),
             None => {
                 self.records.remove(&key);
                 None
@@ -560,14 +603,15 @@ impl Tally {
         }
     }
 
-    /// The records refused here and not in `before`.
+    /// The records refused here and not in `before` (a record refused
+    /// for another reason than before is not new).
     pub fn new_since<'a>(
         &'a self,
         before: &'a Tally,
     ) -> impl Iterator<Item = (&'a str, &'a str, Reason)> + 'a {
         self.records
             .iter()
-            .filter(move |(k, r)| before.records.get(*k) != Some(*r))
+            .filter(move |(k, _)| !before.records.contains_key(*k))
             .map(|((c, k), r)| (c.as_str(), k.as_str(), *r))
     }
 

@@ -12,6 +12,7 @@ struct Source {
     nodes: Vec<Arc<Node>>,
     endpoints: Vec<Arc<IpcacheEntry>>,
     allowed: Vec<IpNet>,
+    allowed_nodes: Vec<IpNet>,
 }
 
 impl SourceView for Source {
@@ -29,6 +30,9 @@ impl SourceView for Source {
     }
     fn allowed_pod_cidrs(&self) -> &[IpNet] {
         &self.allowed
+    }
+    fn allowed_node_cidrs(&self) -> &[IpNet] {
+        &self.allowed_nodes
     }
 }
 
@@ -281,10 +285,10 @@ fn an_endpoint_lies_in_its_own_cluster_and_on_its_own_node() {
     let mut clusters = mesh();
     clusters[1].sources = vec![Arc::new(Source {
         nodes: clusters[1].sources[0].nodes.clone(),
-        allowed: vec![
-            "172.20.0.0/16".parse().unwrap(),
-            "10.3.0.0/16".parse().unwrap(),
-        ],
+        allowed: ["10.2.0.0/16", "172.20.0.0/16", "10.3.0.0/16"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect(),
         ..Source::default()
     })];
     let v = Verdicts::judge(&clusters, &Rules::default());
@@ -375,4 +379,47 @@ fn the_vetted_view_hides_refused_records_and_the_tally_counts_them() {
     assert_eq!(again.new_since(&tally).count(), 0);
     let fresh = Tally::default();
     assert_eq!(tally.new_since(&fresh).count(), 3);
+}
+
+/// Every cluster's address spaces pinned, as `connect` writes them in a lab.
+fn pinned(mut clusters: Vec<ActiveCluster<Source>>) -> Vec<ActiveCluster<Source>> {
+    for c in &mut clusters {
+        let n = &c.name[1..];
+        c.sources = vec![Arc::new(Source {
+            nodes: c.sources[0].nodes.clone(),
+            allowed: vec![
+                format!("10.{n}.0.0/16").parse().unwrap(),
+                format!("fd00:{n}::/32").parse().unwrap(),
+            ],
+            allowed_nodes: vec![format!("192.168.{n}.0/24").parse().unwrap()],
+            ..Source::default()
+        })];
+    }
+    clusters
+}
+
+#[test]
+fn with_pinned_address_spaces_only_the_claimant_loses() {
+    assert!(refused(&pinned(mesh())).is_empty());
+    for (ip, cidr, reason) in [
+        (
+            "192.168.2.99",
+            "10.3.1.0/25",
+            Reason::NodeCidrOutsideAllowed,
+        ),
+        (
+            "192.168.2.99",
+            "10.1.0.0/16",
+            Reason::NodeCidrOutsideAllowed,
+        ),
+        (
+            "192.168.3.11",
+            "10.2.9.0/24",
+            Reason::NodeAddressOutsideAllowed,
+        ),
+        ("10.3.1.1", "10.2.9.0/24", Reason::NodeAddressOutsideAllowed),
+    ] {
+        let clusters = pinned(with("c2", node("c2", "evil", ip, &[cidr])));
+        assert_eq!(refused(&clusters), one("c2", "evil", reason), "{ip} {cidr}");
+    }
 }
