@@ -219,6 +219,25 @@ impl Exporter {
             + self.services.stats().errors.load(Relaxed)
     }
 
+    /// Per kind: (own keys another writer changed or deleted, written back;
+    /// keys another writer put under the prefix, deleted) — the stores'
+    /// tamper guards.
+    pub fn tampering(&self) -> [(&'static str, u64, u64); 3] {
+        use std::sync::atomic::Ordering::Relaxed;
+        let of = |s: &kvstore::SyncStats| {
+            (
+                s.tampered_restored.load(Relaxed),
+                s.foreign_removed.load(Relaxed),
+            )
+        };
+        let [(a, b), (c, d), (e, f)] = [
+            of(self.nodes.stats()),
+            of(self.ips.stats()),
+            of(self.services.stats()),
+        ];
+        [("nodes", a, b), ("ipcache", c, d), ("services", e, f)]
+    }
+
     /// Stops writing; the keys stay for a successor to adopt.
     pub fn stop(self) {
         self.nodes.stop();

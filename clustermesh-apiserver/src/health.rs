@@ -9,6 +9,8 @@
 //! |---|---|---|
 //! | `mesh_apiserver_exported_records` | gauge | `kind` (nodes, ipcache, identities, services) |
 //! | `mesh_apiserver_etcd_errors_total` | counter | |
+//! | `mesh_apiserver_tampered_restored_total` | counter | `kind`: exported keys another writer changed or deleted, written back |
+//! | `mesh_apiserver_foreign_removed_total` | counter | `kind`: keys another writer put under an exported prefix, deleted |
 //! | `mesh_apiserver_ready` | gauge | |
 //! | `mesh_apiserver_etcd_connected` | gauge | |
 
@@ -43,6 +45,23 @@ pub async fn metrics(registry: &Registry) -> Metrics {
         "etcd_errors",
         "Failed etcd requests (writes are retried).",
         errors,
+    );
+    let restored = Family::<Vec<(&'static str, String)>, Counter>::default();
+    let removed = Family::<Vec<(&'static str, String)>, Counter>::default();
+    for (kind, r, f) in registry.tampering() {
+        let labels = vec![("kind", kind.to_owned())];
+        restored.get_or_create(&labels).inc_by(r);
+        removed.get_or_create(&labels).inc_by(f);
+    }
+    metrics.register(
+        "tampered_restored",
+        "Exported keys another writer changed or deleted, written back.",
+        restored,
+    );
+    metrics.register(
+        "foreign_removed",
+        "Keys another writer put under an exported prefix, deleted.",
+        removed,
     );
     let flag = |on: bool| {
         let g: Gauge = Gauge::default();

@@ -352,3 +352,98 @@ async fn a_cached_reader_reads_the_cache_layout_and_its_canary() {
     assert_eq!(events.recv().await, Some(Event::Synced));
     assert_eq!(r.keys(), [cache_key].into());
 }
+
+async fn converge_to(m: &MemoryBackend, want: &BTreeMap<String, Vec<u8>>, what: &str) {
+    testkit::wait_until(Duration::from_secs(60), what, || {
+        let ok = records(m) == *want;
+        async move { ok }
+    })
+    .await;
+}
+
+/// Another writer changes, deletes and adds keys under the prefix: each is
+/// undone and counted. The store's own churn is not.
+#[tokio::test(start_paused = true)]
+async fn the_guard_undoes_and_counts_what_another_writer_does() {
+    use crate::KvWrite as _;
+    let m = MemoryBackend::new();
+    let w = writer(&m, config());
+    let mut entries = export(&w, 10).await;
+    for local in 301..320 {
+        entries[0] = entry(0, local);
+        w.upsert(&entries[0]);
+    }
+    w.delete(&entries[9]);
+    entries.pop();
+    idle(&w).await;
+    let stats = w.stats();
+    let counts = || {
+        (
+            stats.tampered_restored.load(Ordering::Relaxed),
+            stats.foreign_removed.load(Ordering::Relaxed),
+        )
+    };
+    assert_eq!(counts(), (0, 0), "the store's own writes");
+
+    m.put(&entries[1].key(), &entry(1, 999).encode(), None)
+        .await
+        .unwrap();
+    m.delete(&entries[2].key()).await.unwrap();
+    let foreign = entry(77, 300);
+    m.put(&foreign.key(), &foreign.encode(), None)
+        .await
+        .unwrap();
+    converge_to(
+        &m,
+        &expected(&entries),
+        "the guard to undo the other writer",
+    )
+    .await;
+    idle(&w).await;
+    assert_eq!(counts(), (2, 1));
+    // Written back on the store's lease: they vanish with the writer.
+    drop(w);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(records(&m).is_empty(), "{:?}", records(&m).keys());
+}
+
+/// A key another writer puts before the caller's initial state is complete
+/// may still be claimed: it is deleted only if nobody has by `synced`.
+#[tokio::test(start_paused = true)]
+async fn a_foreign_key_before_synced_waits_for_a_claim() {
+    use crate::KvWrite as _;
+    let m = MemoryBackend::new();
+    let w = writer(&m, config());
+    let mut entries: Vec<IpcacheEntry> = (0..3).map(|i| entry(i, 300)).collect();
+    for e in &entries {
+        w.upsert(e);
+    }
+    idle(&w).await;
+    let (claimed, stray) = (entry(5, 300), entry(6, 300));
+    m.put(&claimed.key(), &entry(5, 999).encode(), None)
+        .await
+        .unwrap();
+    m.put(&stray.key(), &stray.encode(), None).await.unwrap();
+    // Let the guard see both before the caller goes on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(records(&m).contains_key(&stray.key()), "kept before synced");
+    w.upsert(&claimed);
+    entries.push(claimed);
+    w.synced();
+    idle(&w).await;
+    converge_to(&m, &expected(&entries), "the stray key to go").await;
+    assert_eq!(w.stats().foreign_removed.load(Ordering::Relaxed), 0);
+    assert_eq!(w.stats().deletes.load(Ordering::Relaxed), 1);
+}
+
+/// Keys that vanish with their lease (etcd came back empty) are recovered
+/// by the lease logic and are not tampering.
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_is_not_tampering() {
+    let m = MemoryBackend::new();
+    let w = writer(&m, config());
+    let entries = export(&w, 10).await;
+    m.wipe();
+    converge_to(&m, &expected(&entries), "the writer to restore its keys").await;
+    assert_eq!(w.stats().tampered_restored.load(Ordering::Relaxed), 0);
+}

@@ -43,6 +43,7 @@ impl Allocator {
                 rest.split_once('/')?.0.parse().ok()
             })
             .collect();
+        self.restore_tampered(&ids, &index).await?;
         let now = Instant::now();
         state.unused.retain(|id, _| ids.contains_key(id));
         let mut released = 0;
@@ -95,6 +96,39 @@ impl Allocator {
             }
         }
         Ok(released)
+    }
+
+    /// Writes back every id key whose labels are not the ones the index maps
+    /// to its number (module docs, *Tampering*).
+    async fn restore_tampered(
+        &self,
+        ids: &std::collections::BTreeMap<u32, super::repair::ListedId>,
+        index: &std::collections::BTreeMap<String, super::repair::ListedIndex>,
+    ) -> Result<(), IdentityError> {
+        for (labels, entry) in index {
+            let Some(id) = entry.id else { continue };
+            let Some(listed) = ids.get(&id) else { continue };
+            if listed.labels == *labels {
+                continue;
+            }
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(id_key(id), listed.revision),
+                    Compare::mod_revision(self.layout.index_key(labels), entry.revision),
+                ])
+                .and_then([TxnOp::put(id_key(id), labels.as_bytes().to_vec(), None)]);
+            let outcome = self
+                .backend
+                .txn(&txn)
+                .await
+                .map_err(backend_err("restore a tampered identity"))?;
+            if outcome.succeeded {
+                warn!(id, labels = %labels, found = %listed.labels, "another writer changed an identity's labels; wrote them back");
+                self.restored
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 
     /// Renews the session lease once; a lost lease is replaced (see

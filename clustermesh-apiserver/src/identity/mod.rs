@@ -35,6 +35,14 @@
 //! `identity-users/<n>/`: a user that arrived after the listing, in any
 //! apiserver, makes it fail, and the identity stays.
 //!
+//! **Tampering.** Each garbage-collection pass also compares every id key
+//! with the index: an id key whose labels are not the ones the index maps
+//! to its number was changed by another writer (possible only in an etcd
+//! without authentication), and is written back, in a transaction that
+//! compares both revisions; [`Allocator::restored`] counts them. An id key
+//! nobody indexed and nobody uses is released by the collector as any
+//! unused identity is.
+//!
 //! **Startup repair.** Older versions created the two keys in separate
 //! steps, so etcd may hold an id key without an index entry, an index entry
 //! whose id key is gone or holds other labels, or two id keys with the same
@@ -207,6 +215,8 @@ pub struct Allocator {
     // label set must not interleave within this apiserver (a release racing
     // an acquisition would delete a user key just written).
     state: Mutex<State>,
+    /// Id keys another writer changed, written back ([`Allocator::restored`]).
+    restored: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Allocator {
@@ -244,10 +254,17 @@ impl Allocator {
                 unreleased: BTreeSet::new(),
             }),
             config,
+            restored: std::sync::atomic::AtomicU64::new(0),
         };
         let taken = this.repair().await?;
         this.state.lock().await.taken = taken;
         Ok(this)
+    }
+
+    /// Id keys another writer changed (their labels no longer the ones the
+    /// index gives them), written back by the garbage collector.
+    pub fn restored(&self) -> u64 {
+        self.restored.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Number of label sets this apiserver uses.

@@ -344,3 +344,32 @@ async fn a_lost_lease_is_renewed_and_the_user_keys_written_again() {
     assert_eq!(users(&m, y), ["a"]);
     assert_eq!(users(&m, kept), ["a", "b"]);
 }
+
+/// Another writer rewrites an identity's labels (an etcd without
+/// authentication): the next collection writes them back and counts it; an
+/// id key it adds that nobody indexed or uses is released after the grace.
+#[tokio::test(start_paused = true)]
+async fn a_tampered_identity_is_written_back_and_a_foreign_one_released() {
+    use kvstore::KvWrite as _;
+    let m = MemoryBackend::new();
+    let a = allocator(&m, "a").await;
+    let web = a.acquire("k8s:app=web;").await.unwrap();
+    m.put(
+        &id_key(web),
+        b"k8s:app=db;k8s:io.cilium.k8s.policy.cluster=c1;",
+        None,
+    )
+    .await
+    .unwrap();
+    let foreign = FIRST + 77;
+    m.put(&id_key(foreign), b"k8s:app=evil;", None)
+        .await
+        .unwrap();
+    a.collect_garbage().await.unwrap();
+    assert_eq!(ids(&m)[&web], "k8s:app=web;", "written back");
+    assert_eq!(a.restored(), 1);
+    assert_eq!(collect_after_grace(&a).await, 1, "the foreign id key goes");
+    assert_eq!(ids(&m), BTreeMap::from([(web, "k8s:app=web;".to_owned())]));
+    a.collect_garbage().await.unwrap();
+    assert_eq!(a.restored(), 1, "nothing else to restore");
+}

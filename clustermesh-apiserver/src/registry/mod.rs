@@ -324,6 +324,15 @@ impl Registry {
         ]
     }
 
+    /// What was undone of another writer's changes, per kind: (written
+    /// back, deleted) — the export's tamper guards ([`Exporter::tampering`])
+    /// and the identity allocator's ([`Allocator::restored`]).
+    pub fn tampering(&self) -> Vec<(&'static str, u64, u64)> {
+        let mut out = self.0.exporter.tampering().to_vec();
+        out.push(("identities", self.0.allocator.restored(), 0));
+        out
+    }
+
     /// Failed etcd requests: registry writes, identity allocation, export.
     pub fn etcd_errors(&self) -> u64 {
         self.0.counters.etcd_errors.load(Ordering::Relaxed) + self.0.exporter.errors()

@@ -28,6 +28,11 @@
 //!   (the lease is adopted and kept alive) are not written again; keys
 //!   nobody upserts are deleted only after [`SyncStore::synced`]. A
 //!   restarted apiserver therefore neither flaps nor deletes live keys.
+//! * **Tamper guard.** The store watches its prefix ([`guard`]): a key of
+//!   its own that someone else changed or deleted is written back, and a key
+//!   it never wrote is deleted (after [`SyncStore::synced`]), each counted.
+//!   With etcd's RBAC in place nobody else can write there; the guard
+//!   protects clusters whose etcd has no authentication.
 
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
@@ -40,10 +45,12 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::backend::{BackendError, LeaseId, SyncBackend};
+use crate::backend::{BackendError, LeaseId, Revision, SyncBackend};
 use crate::lease_pool::LeasePool;
 use crate::retry::Backoff;
 use crate::work_queue::WorkQueue;
+
+mod guard;
 
 /// Tuning of a [`SyncStore`].
 #[derive(Debug, Clone)]
@@ -63,6 +70,8 @@ pub struct SyncStoreConfig {
     pub retry_max: Duration,
     /// Write the sync canary after [`SyncStore::synced`] (default true).
     pub write_canary: bool,
+    /// Watch the prefix and undo what others write there (default true).
+    pub guard: bool,
 }
 
 impl Default for SyncStoreConfig {
@@ -75,6 +84,7 @@ impl Default for SyncStoreConfig {
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
             write_canary: true,
+            guard: true,
         }
     }
 }
@@ -112,6 +122,10 @@ pub struct SyncStats {
     pub adopted: AtomicU64,
     /// Times the sync canary was written.
     pub canaries: AtomicU64,
+    /// Own keys another writer changed or deleted, written back.
+    pub tampered_restored: AtomicU64,
+    /// Keys another writer put under the prefix, deleted.
+    pub foreign_removed: AtomicU64,
 }
 
 fn inc(counter: &AtomicU64) {
@@ -122,6 +136,8 @@ fn inc(counter: &AtomicU64) {
 struct Written {
     value: Arc<[u8]>,
     lease: LeaseId,
+    /// The revision of the write (0 when unknown).
+    revision: Revision,
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +156,10 @@ struct State {
     synced: bool,
     /// The canary is wanted (set when everything else was written).
     canary_due: bool,
+    /// Values being written right now (their watch events are ours).
+    in_flight: HashMap<String, Arc<[u8]>>,
+    /// The revision of the adoption listing (the guard watches after it).
+    listed_at: Revision,
 }
 
 impl State {
@@ -242,8 +262,13 @@ impl<R: Resource> SyncStore<R> {
             ready: watch::Sender::new(false),
             stats: SyncStats::default(),
         });
-        let mut tasks = Vec::with_capacity(workers + 2);
+        let mut tasks = Vec::with_capacity(workers + 3);
         tasks.push(tokio::spawn(adopt(shared.clone()).instrument(span.clone())));
+        if shared.config.guard {
+            tasks.push(tokio::spawn(
+                guard::run(shared.clone()).instrument(span.clone()),
+            ));
+        }
         tasks.push(tokio::spawn(
             keep_alive(shared.clone()).instrument(span.clone()),
         ));
@@ -540,12 +565,20 @@ impl Shared {
                 lease
             }
         };
-        self.backend.put(key, &value, Some(lease)).await?;
+        self.lock().in_flight.insert(key.to_owned(), value.clone());
+        let put = self.backend.put(key, &value, Some(lease)).await;
+        self.lock().in_flight.remove(key);
+        let revision = put?;
         *reserved = None;
         let mut state = self.lock();
-        let old = state
-            .written
-            .insert(key.to_owned(), Written { value, lease });
+        let old = state.written.insert(
+            key.to_owned(),
+            Written {
+                value,
+                lease,
+                revision,
+            },
+        );
         if let Some(old) = old.filter(|o| o.lease != lease) {
             state.leases.release(old.lease);
         }
@@ -635,9 +668,11 @@ async fn adopt(shared: Arc<Shared>) {
                 Written {
                     value: kv.value.into(),
                     lease: kv.lease,
+                    revision: kv.mod_revision,
                 },
             );
         }
+        state.listed_at = listing.revision;
         info!(
             keys = state.written.len(),
             leases = alive.len(),
