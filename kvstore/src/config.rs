@@ -119,6 +119,32 @@ pub enum ConfigError {
     },
 }
 
+/// Largest config or TLS file read, in bytes.
+const MAX_FILE: u64 = 1 << 20;
+
+/// Reads a regular file of at most [`MAX_FILE`] bytes: a device, a FIFO or
+/// a huge file named by a config is an error, never a hang (the type is
+/// checked before opening, which blocks on a FIFO).
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_FILE} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Errors connecting to etcd.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -219,15 +245,24 @@ impl EtcdConfig {
     ///
     /// A [`ConfigError`] naming the file and, where one is at fault, the key.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = read_bounded(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let file: FileFormat =
-            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
-                path: path.to_owned(),
-                source,
-            })?;
+        Self::from_yaml(&String::from_utf8_lossy(&bytes), path)
+    }
+
+    /// Validates the text of a config file found at `path` (relative TLS
+    /// paths are resolved against its directory, and the TLS files read).
+    ///
+    /// # Errors
+    ///
+    /// As [`EtcdConfig::from_file`].
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: FileFormat = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         let resolve = |p: Option<PathBuf>| p.map(|p| base.join(p));
         let paths = TlsPaths {
@@ -300,7 +335,7 @@ impl EtcdConfig {
             }
         }
         let read = |key: &'static str, file: &Path| -> Result<Vec<u8>, ConfigError> {
-            let bytes = std::fs::read(file).map_err(|source| ConfigError::ReadTlsFile {
+            let bytes = read_bounded(file).map_err(|source| ConfigError::ReadTlsFile {
                 origin: origin.clone(),
                 key,
                 file: file.to_owned(),
@@ -478,6 +513,10 @@ mod tests {
             (
                 "endpoints: {a: 1}\n",
                 "is not valid YAML with the expected keys",
+            ),
+            (
+                "endpoints: [\"https://x\"]\ntrusted-ca-file: /dev/zero\n",
+                "cannot read `trusted-ca-file` file /dev/zero",
             ),
             (
                 "endpoints: [\"http://x\"]\nallowed-pod-cidrs: [10.0.0.0/33]\n",

@@ -16,7 +16,7 @@
 //! over-read, so requests are strictly sequential: one request, then its whole
 //! answer, then the next.
 
-use std::io::{self, BufRead as _, BufReader, Write as _};
+use std::io::{self, BufRead, BufReader, Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -106,36 +106,62 @@ impl UapiClient {
         }
     }
 
-    /// Reads `key=value` lines up to the empty line; returns the pairs before
-    /// `errno=` and the errno.
     fn answer(&mut self) -> Result<(Vec<(String, String)>, i32), UapiError> {
-        let mut pairs = Vec::new();
-        let mut errno = None;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if self.reader.read_line(&mut line)? == 0 {
-                return Err(UapiError::Closed);
-            }
-            let text = line.trim_end_matches('\n');
-            if text.is_empty() {
-                return match errno {
-                    Some(errno) => Ok((pairs, errno)),
-                    None => Err(UapiError::Malformed {
-                        line: String::new(),
-                    }),
-                };
-            }
-            let (key, value) = text.split_once('=').ok_or_else(|| UapiError::Malformed {
-                line: text.to_owned(),
-            })?;
-            if key == "errno" {
-                errno = Some(value.parse().map_err(|_| UapiError::Malformed {
-                    line: text.to_owned(),
-                })?);
+        read_answer(&mut self.reader)
+    }
+}
+
+/// Largest UAPI answer read, in bytes (a device lists each peer in a few
+/// hundred bytes; this leaves room for thousands).
+const MAX_ANSWER: u64 = 4 << 20;
+
+/// Reads one UAPI answer: `key=value` lines up to the empty line; returns
+/// the pairs other than `errno` and the errno. An answer without `errno`,
+/// a line that is not `key=value` or not UTF-8, or more than 4 MiB is
+/// [`UapiError::Malformed`]; the end of the stream is [`UapiError::Closed`].
+///
+/// # Errors
+///
+/// As above, or the reader's error.
+pub fn read_answer(reader: &mut impl BufRead) -> Result<(Vec<(String, String)>, i32), UapiError> {
+    let mut reader = reader.take(MAX_ANSWER);
+    let mut pairs = Vec::new();
+    let mut errno = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Err(if reader.limit() == 0 {
+                UapiError::Malformed {
+                    line: format!("(answer longer than {MAX_ANSWER} bytes)"),
+                }
             } else {
-                pairs.push((key.to_owned(), value.to_owned()));
-            }
+                UapiError::Closed
+            });
+        }
+        let Ok(text) = std::str::from_utf8(&line) else {
+            return Err(UapiError::Malformed {
+                line: String::from_utf8_lossy(&line).into_owned(),
+            });
+        };
+        let text = text.trim_end_matches('\n');
+        if text.is_empty() {
+            return match errno {
+                Some(errno) => Ok((pairs, errno)),
+                None => Err(UapiError::Malformed {
+                    line: String::new(),
+                }),
+            };
+        }
+        let (key, value) = text.split_once('=').ok_or_else(|| UapiError::Malformed {
+            line: text.to_owned(),
+        })?;
+        if key == "errno" {
+            errno = Some(value.parse().map_err(|_| UapiError::Malformed {
+                line: text.to_owned(),
+            })?);
+        } else {
+            pairs.push((key.to_owned(), value.to_owned()));
         }
     }
 }
@@ -143,7 +169,6 @@ impl UapiClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read as _;
 
     /// A scripted device on the other end: checks the request, sends `reply`.
     fn device(
@@ -202,5 +227,25 @@ mod tests {
             UapiError::Malformed { .. }
         ));
         dev.join().unwrap();
+    }
+
+    #[test]
+    fn an_answer_is_bounded_and_checked_without_a_device() {
+        let read = |bytes: &[u8]| read_answer(&mut std::io::Cursor::new(bytes.to_vec()));
+        assert_eq!(
+            read(b"public_key=ab\nerrno=0\n\n").unwrap(),
+            (vec![("public_key".to_owned(), "ab".to_owned())], 0)
+        );
+        assert!(matches!(
+            read(b"\xff=1\nerrno=0\n\n"),
+            Err(UapiError::Malformed { .. })
+        ));
+        assert!(matches!(
+            read(b"errno=x\n\n"),
+            Err(UapiError::Malformed { .. })
+        ));
+        assert!(matches!(read(b"a=b\n"), Err(UapiError::Closed)));
+        let endless = vec![b'a'; (MAX_ANSWER + 10) as usize];
+        assert!(matches!(read(&endless), Err(UapiError::Malformed { .. })));
     }
 }
