@@ -348,8 +348,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         std::fs::create_dir(&src).unwrap();
+        // The agent checks that TLS files hold PEM, so each holds a PEM block
+        // that names the file.
+        let pem = |f: &str| format!("-----BEGIN {f}-----\nAAAA\n-----END {f}-----\n");
         for f in ["ca.crt", "c.crt", "c.key"] {
-            std::fs::write(src.join(f), f).unwrap();
+            std::fs::write(src.join(f), pem(f)).unwrap();
         }
         let config = EtcdConfig {
             endpoints: vec!["https://192.168.2.1:2379".into()],
@@ -377,7 +380,7 @@ mod tests {
         assert_eq!(loaded.allowed_pod_cidrs, config.allowed_pod_cidrs);
         assert_eq!(
             std::fs::read_to_string(loaded.cert_file.unwrap()).unwrap(),
-            "c.crt"
+            pem("c.crt")
         );
         assert_eq!(
             configured_clusters(&agent).into_keys().collect::<Vec<_>>(),
