@@ -12,6 +12,10 @@ test *ARGS:
 bench:
     cargo xtask bench
 
+# The fuzz targets (cargo fuzz on stable), e.g. `just fuzz --runs 10000000`.
+fuzz *ARGS:
+    cargo xtask fuzz {{ARGS}}
+
 # Formatting and lints, as required before every commit.
 lint:
     cargo fmt --all --check

@@ -1,4 +1,4 @@
-//! Harness of the mesh's end-to-end tests (`docs/architecture.md` §9, tier 3).
+//! Harness of the mesh's end-to-end tests (`docs/architecture.md` §10, tier 3).
 //!
 //! Each test brings up a real lab with the real `meshctl` binary (so the
 //! processes it starts are detached from the test, as they are for a user),

@@ -5,6 +5,9 @@
 //!   clang fail instead of skipping. This is the command `.ci/run` runs.
 //! * `bench`: every benchmark of the workspace; each prints a ratio against a baseline
 //!   measured in the same run.
+//! * `fuzz`: builds the fuzz targets (`fuzz/`, cargo fuzz on stable with `--sanitizer none`;
+//!   cargo-fuzz is installed from crates.io when missing) and runs each for a while. `test`
+//!   runs each for [`FUZZ_SMOKE_SECONDS`] after the test suite.
 //! * `demo`: `deps`, build, then a two-cluster lab (`meshctl lab up`), one cross-cluster
 //!   request from a pod of `c1` to a pod of `c2`, and `meshctl clustermesh status`. The lab
 //!   stays up for exploring; `target/debug/meshctl lab down --name demo` removes it.
@@ -34,6 +37,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
 ];
 
+/// The fuzz targets of `fuzz/` (one per decoder of remote or outside input).
+const FUZZ_TARGETS: &[&str] = &["records", "etcd_config", "cni", "uapi", "grpc"];
+
+/// How long `test` runs each fuzz target.
+const FUZZ_SMOKE_SECONDS: u32 = 10;
+
 #[derive(Debug, Parser)]
 #[command(about = "Project automation for the mesh")]
 struct Cli {
@@ -53,6 +62,17 @@ enum Cmd {
     },
     /// Run every benchmark (each prints its ratio against an in-run baseline).
     Bench,
+    /// Build the fuzz targets and run each for a time or a number of executions.
+    Fuzz {
+        /// Seconds per target (ignored with `--runs`).
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Executions per target (e.g. 10000000), instead of a time.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Build, bring up a two-cluster lab, show a cross-cluster request and the mesh status.
     Demo {
         /// Encryption between nodes: `none` or `wireguard`.
@@ -71,6 +91,18 @@ fn main() -> Result<()> {
         Cmd::Bench => {
             deps()?;
             run(Command::new(cargo()).args(["bench", "--workspace"]))
+        }
+        Cmd::Fuzz {
+            seconds,
+            runs,
+            targets,
+        } => {
+            deps()?;
+            let limit = match runs {
+                Some(n) => format!("-runs={n}"),
+                None => format!("-max_total_time={seconds}"),
+            };
+            fuzz(&targets, &limit)
         }
         Cmd::Demo { encryption } => {
             deps()?;
@@ -188,7 +220,38 @@ fn test(args: &[String]) -> Result<()> {
     run(Command::new(cargo())
         .args(["test", "--workspace", "--no-fail-fast", "--"])
         .args(args)
-        .env("MESH_TEST_STRICT", "1"))
+        .env("MESH_TEST_STRICT", "1"))?;
+    if args.is_empty() {
+        fuzz(&[], &format!("-max_total_time={FUZZ_SMOKE_SECONDS}"))?;
+    }
+    Ok(())
+}
+
+/// Builds the fuzz targets and runs `targets` (all when empty), each with
+/// the libFuzzer `limit` (`-runs=N` or `-max_total_time=S`), on the seeds of
+/// `fuzz/seeds/` and the corpus it grows in `fuzz/corpus/`. A crash fails.
+fn fuzz(targets: &[String], limit: &str) -> Result<()> {
+    let has_cargo_fuzz = Command::new(cargo())
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !has_cargo_fuzz {
+        run(Command::new(cargo()).args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    // `--sanitizer none`: cargo fuzz's only mode on stable Rust (coverage
+    // instrumentation without AddressSanitizer, which the safe code here
+    // needs least).
+    run(Command::new(cargo()).args(["fuzz", "build", "--sanitizer", "none"]))?;
+    let all: Vec<String> = FUZZ_TARGETS.iter().map(|t| (*t).to_owned()).collect();
+    for target in if targets.is_empty() { &all } else { targets } {
+        let corpus = format!("fuzz/corpus/{target}");
+        std::fs::create_dir_all(&corpus).with_context(|| format!("creating {corpus}"))?;
+        run(Command::new(cargo())
+            .args(["fuzz", "run", "--sanitizer", "none", target, &corpus])
+            .arg(format!("fuzz/seeds/{target}"))
+            .args(["--", limit, "-print_final_stats=1"]))?;
+    }
+    Ok(())
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

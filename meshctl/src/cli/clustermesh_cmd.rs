@@ -173,6 +173,20 @@ pub(super) fn clustermesh_command(cli: &Cli, cmd: &ClustermeshCommand) -> Result
             } else {
                 external_admin(cluster, &pki, endpoints).enable()?;
                 println!("etcd of {cluster}: users and roles set up, authentication on");
+                // Configs for the cluster's own apiserver and agents.
+                for (user, sub) in [(auth::APISERVER_USER, "apiserver"), (auth::LOCAL_READER, "local")] {
+                    let client = pki.client(user);
+                    let path = EtcdConfig {
+                        endpoints: endpoints.clone(),
+                        trusted_ca_file: Some(pki.ca_cert()),
+                        cert_file: Some(client.cert),
+                        key_file: Some(client.key),
+                        allowed_pod_cidrs: Vec::new(),
+                        allowed_node_cidrs: Vec::new(),
+                    }
+                    .install(&dir.join(sub), cluster)?;
+                    println!("wrote {} (etcd user {user})", path.display());
+                }
             }
         }
         ClustermeshCommand::Enable { cluster, .. } => {

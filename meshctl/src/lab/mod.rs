@@ -1,4 +1,4 @@
-//! A multi-cluster lab on one Linux host (`docs/architecture.md` §8).
+//! A multi-cluster lab on one Linux host (`docs/architecture.md` §9).
 //!
 //! `lab up` builds, in order: the underlay (a bridge in a namespace of its own),
 //! per cluster a control namespace and one namespace per node (each with a veth

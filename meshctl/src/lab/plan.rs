@@ -1,4 +1,4 @@
-//! The lab's names and address plan (`docs/architecture.md` §8), as pure functions.
+//! The lab's names and address plan (`docs/architecture.md` §9), as pure functions.
 //!
 //! Everything the lab creates in the kernel is named from the lab name, so that
 //! `lab down` and the clean-up of a crashed lab find exactly what one lab made:

@@ -9,7 +9,7 @@
 //! clusters to its nodes. Cilium relies on etcd RBAC and trusts what a
 //! remote cluster publishes; the agent also checks what each record claims
 //! against what its cluster owns, continuously, for remote clusters and the
-//! local one alike (`docs/architecture.md` §4).
+//! local one alike (`docs/architecture.md` §8).
 //!
 //! # Nodes
 //!
