@@ -12,6 +12,8 @@ use api::{ClusterId, ClusterName, MaxConnectedClusters};
 use clap::Parser;
 use kvstore::{EtcdConfig, TlsPaths};
 
+use crate::kubernetes::{lease::LeaseConfig, ApiConfig};
+
 /// The flags of the `clustermesh-apiserver` binary, before validation.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -46,6 +48,32 @@ pub struct Args {
     #[arg(long, env = "MESH_SOURCE", default_value = "standalone")]
     pub source: String,
     /// How long a node's registrations outlive its ended session (e.g. 30s, 2m).
+    /// Kubernetes source: the kubeconfig file to use instead of the pod's
+    /// in-cluster service account.
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes source: elect one leader among replicas with a
+    /// coordination.k8s.io Lease; only the leader connects to etcd.
+    #[arg(long, env = "MESH_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// The namespace of the leader election Lease.
+    #[arg(
+        long,
+        env = "MESH_LEADER_ELECTION_NAMESPACE",
+        default_value = "mesh-system"
+    )]
+    pub leader_election_namespace: String,
+    /// The name of the leader election Lease.
+    #[arg(
+        long,
+        env = "MESH_LEADER_ELECTION_LEASE_NAME",
+        default_value = "clustermesh-apiserver"
+    )]
+    pub leader_election_lease_name: String,
+    /// This replica's identity in the Lease (default: the host name, which
+    /// is the pod name in Kubernetes).
+    #[arg(long, env = "MESH_LEADER_ELECTION_IDENTITY")]
+    pub leader_election_identity: Option<String>,
     #[arg(long, env = "MESH_SESSION_GRACE", default_value = "30s")]
     pub session_grace: String,
     /// How long an identity nobody uses is kept before it is released.
@@ -61,11 +89,16 @@ pub struct Args {
 }
 
 /// The local source of nodes, endpoints and services ([`crate::source`]).
-/// Only sources that are built are listed; `--source kubernetes` is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// Node agents register over gRPC; meshctl declares services.
     Standalone,
+    /// Watchers on the Kubernetes API ([`crate::kubernetes`]).
+    Kubernetes {
+        api: ApiConfig,
+        /// `None`: this is the only replica.
+        leader_election: Option<LeaseConfig>,
+    },
 }
 
 /// The validated configuration of one apiserver.
@@ -162,6 +195,34 @@ impl Collector {
     }
 }
 
+/// The Lease of `--leader-elect`.
+fn lease_config(args: &Args, bad: &mut Collector) -> Option<LeaseConfig> {
+    let namespace = &args.leader_election_namespace;
+    if let Err(e) = api::names::validate_dns_label(namespace) {
+        bad.push("leader-election-namespace", namespace, e.to_string());
+    }
+    let name = &args.leader_election_lease_name;
+    if let Err(e) = api::names::validate_dns_subdomain(name) {
+        bad.push("leader-election-lease-name", name, e.to_string());
+    }
+    let identity = match &args.leader_election_identity {
+        Some(id) => id.clone(),
+        // The pod name, in Kubernetes.
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
+    };
+    if identity.is_empty() {
+        bad.push(
+            "leader-election-identity",
+            "",
+            "required when the host has no name",
+        );
+        return None;
+    }
+    Some(LeaseConfig::new(namespace.clone(), name.clone(), identity))
+}
+
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
@@ -203,20 +264,31 @@ impl TryFrom<Args> for Config {
             bad.addr("health-listen", &args.health_listen)
         };
         let source = match args.source.as_str() {
-            "standalone" => Some(Source::Standalone),
-            "kubernetes" => {
-                bad.push(
-                    "source",
-                    "kubernetes",
-                    "the kubernetes source is not built yet; use \"standalone\"",
-                );
-                None
+            "standalone" => {
+                if args.kubeconfig.is_some() || args.leader_elect {
+                    bad.push(
+                        "source",
+                        "standalone",
+                        "--kubeconfig and --leader-elect need --source kubernetes",
+                    );
+                }
+                Some(Source::Standalone)
             }
+            "kubernetes" => Some(Source::Kubernetes {
+                api: args
+                    .kubeconfig
+                    .clone()
+                    .map_or(ApiConfig::InCluster, ApiConfig::Kubeconfig),
+                leader_election: args
+                    .leader_elect
+                    .then(|| lease_config(&args, &mut bad))
+                    .flatten(),
+            }),
             other => {
                 bad.push(
                     "source",
                     other,
-                    "unknown source; \"standalone\" is the only one built (\"kubernetes\" is planned)",
+                    "unknown source; use \"standalone\" or \"kubernetes\"",
                 );
                 None
             }

@@ -2,12 +2,12 @@
 //! that cluster's etcd, in the Cilium clustermesh schema (`docs/architecture.md` §4).
 //!
 //! The state comes from a *local source* ([`source`]): one trait,
-//! [`source::LocalSource`], with one implementation built so far, the
-//! standalone source ([`server::Standalone`]): node agents register their node
-//! and endpoints over the gRPC API of [`mesh_proto`] (package `mesh.v1`),
-//! each within a session, and `meshctl` declares services. A Kubernetes
-//! source (kube-rs reflectors) is planned behind the same trait;
-//! `--source kubernetes` is refused until it exists.
+//! [`source::LocalSource`], with two implementations: the standalone source
+//! ([`server::Standalone`]), where node agents register their node and
+//! endpoints over the gRPC API of [`mesh_proto`] (package `mesh.v1`), each
+//! within a session, and `meshctl` declares services; and the Kubernetes
+//! source ([`kubernetes`]), kube-rs watchers on Nodes, Namespaces, Pods,
+//! Services and EndpointSlices, with leader election among replicas.
 //!
 //! Every source writes through the [`registry::Registry`] handle, which
 //!
@@ -34,6 +34,7 @@ pub mod config;
 pub mod export;
 pub mod health;
 pub mod identity;
+pub mod kubernetes;
 pub mod persist;
 pub mod registry;
 pub mod server;
@@ -47,6 +48,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::{
     config::{Config, Source},
+    kubernetes::KubernetesSource,
     registry::Registry,
     server::Standalone,
     source::LocalSource,
@@ -59,6 +61,8 @@ pub enum StartError {
     Connect(#[source] kvstore::ConnectError),
     #[error("open the registry")]
     Registry(#[source] registry::OpenError),
+    #[error("kubernetes client")]
+    KubernetesClient(#[source] kubernetes::ClientError),
     #[error("bind {what} on {addr}")]
     Bind {
         what: &'static str,
@@ -76,6 +80,15 @@ pub enum RunError {
     /// The standalone source's gRPC server failed.
     #[error("gRPC server")]
     Grpc(#[source] tonic::transport::Error),
+    /// The Kubernetes source failed.
+    #[error("kubernetes source")]
+    Kubernetes(#[source] kubernetes::SourceError),
+    #[error("kubernetes client")]
+    KubernetesClient(#[source] kubernetes::ClientError),
+    /// Another replica took the leader election lease: this one stopped
+    /// writing and exits, to run again as a candidate.
+    #[error("lost the leader election lease")]
+    LostLeadership,
 }
 
 /// The source chosen by `--source`, ready to run: one variant per source
@@ -84,6 +97,7 @@ pub enum RunError {
 #[derive(Debug)]
 enum ConfiguredSource {
     Standalone(Standalone),
+    Kubernetes(KubernetesSource),
 }
 
 /// A started apiserver: etcd connected, registry restored, export started,
@@ -123,6 +137,22 @@ impl Server {
     ///
     /// See [`StartError`].
     pub async fn start_with(config: Config, stores: SyncStoreConfig) -> Result<Self, StartError> {
+        let client = match &config.source {
+            Source::Standalone => None,
+            Source::Kubernetes { api, .. } => {
+                Some(api.client().await.map_err(StartError::KubernetesClient)?)
+            }
+        };
+        Self::start_with_client(config, stores, client).await
+    }
+
+    /// As [`Server::start_with`], with the Kubernetes client made already
+    /// (by leader election, which needs it before etcd is connected).
+    async fn start_with_client(
+        config: Config,
+        stores: SyncStoreConfig,
+        client: Option<kube::Client>,
+    ) -> Result<Self, StartError> {
         let etcd = kvstore::connect(&config.etcd)
             .await
             .map_err(StartError::Connect)?;
@@ -130,16 +160,23 @@ impl Server {
         let registry = Registry::open(backend.clone(), Arc::new(etcd), &config, &stores)
             .await
             .map_err(StartError::Registry)?;
-        let source = match config.source {
-            Source::Standalone => ConfiguredSource::Standalone(
+        let bind_failed = |source| StartError::Bind {
+            what: "gRPC",
+            addr: config.grpc_listen,
+            source,
+        };
+        let source = match client {
+            None => ConfiguredSource::Standalone(
                 Standalone::bind(config.grpc_listen, config.session_grace)
                     .await
-                    .map_err(|source| StartError::Bind {
-                        what: "gRPC",
-                        addr: config.grpc_listen,
-                        source,
-                    })?,
+                    .map_err(bind_failed)?,
             ),
+            Some(client) => ConfiguredSource::Kubernetes(KubernetesSource::new(
+                client,
+                Standalone::bind_read_only(config.grpc_listen)
+                    .await
+                    .map_err(bind_failed)?,
+            )),
         };
         let health = match config.health_listen {
             None => None,
@@ -171,6 +208,7 @@ impl Server {
     pub fn grpc_addr(&self) -> SocketAddr {
         match &self.source {
             ConfiguredSource::Standalone(s) => s.local_addr(),
+            ConfiguredSource::Kubernetes(s) => s.grpc_addr(),
         }
     }
 
@@ -198,6 +236,10 @@ impl Server {
                 .drive(registry, source, health, shutdown)
                 .await
                 .map_err(RunError::Grpc),
+            ConfiguredSource::Kubernetes(source) => background
+                .drive(registry, source, health, shutdown)
+                .await
+                .map_err(RunError::Kubernetes),
         }
     }
 }
@@ -302,9 +344,39 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let server = Server::start(config).await?;
-    info!(grpc = %server.grpc_addr(), health = ?server.health_addr(), "serving");
-    server.serve(shutdown).await
+    let Source::Kubernetes {
+        api,
+        leader_election: Some(lease),
+    } = &config.source
+    else {
+        let server = Server::start(config).await?;
+        info!(grpc = %server.grpc_addr(), health = ?server.health_addr(), "serving");
+        return server.serve(shutdown).await;
+    };
+    // Only the leader connects to etcd: a candidate waits for the lease
+    // first, and a leader that loses it stops and exits.
+    let client = api.client().await.map_err(RunError::KubernetesClient)?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let elector = kubernetes::lease::Elector::new(client.clone(), lease.clone());
+    let mut leadership = tokio::select! {
+        leadership = elector.acquire() => leadership,
+        () = &mut shutdown => return Ok(()),
+    };
+    let server =
+        Server::start_with_client(config, SyncStoreConfig::default(), Some(client)).await?;
+    info!(grpc = %server.grpc_addr(), health = ?server.health_addr(), "serving as the leader");
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+    let stop = async move {
+        tokio::select! {
+            () = &mut shutdown => {}
+            () = leadership.lost() => { let _ = lost_tx.send(()); }
+        }
+    };
+    server.serve(stop).await?;
+    match lost_rx.await {
+        Ok(()) => Err(RunError::LostLeadership),
+        Err(_) => Ok(()),
+    }
 }
 
 #[cfg(test)]

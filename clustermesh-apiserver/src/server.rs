@@ -59,10 +59,17 @@ struct Sessions {
 }
 
 /// The standalone source, its gRPC listener bound.
+///
+/// Read-only (with another source, [`Standalone::bind_read_only`]) it
+/// serves only the reads (lists, `WatchServices`, `Status`) that node
+/// agents and `meshctl` make, refuses every write with
+/// `FailedPrecondition`, and neither restores sessions nor says when the
+/// registry is synced: the other source does.
 #[derive(Debug)]
 pub struct Standalone {
     listener: TcpListener,
     session_grace: Duration,
+    writable: bool,
 }
 
 impl Standalone {
@@ -75,6 +82,20 @@ impl Standalone {
         Ok(Self {
             listener: TcpListener::bind(addr).await?,
             session_grace,
+            writable: true,
+        })
+    }
+
+    /// Binds the gRPC listener of a read-only API, for another source.
+    ///
+    /// # Errors
+    ///
+    /// When the address cannot be bound.
+    pub async fn bind_read_only(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            session_grace: Duration::ZERO,
+            writable: false,
         })
     }
 
@@ -99,15 +120,18 @@ impl LocalSource for Standalone {
             sessions: StdMutex::new(Sessions::default()),
             session_grace: self.session_grace,
             shutdown: watch::Sender::new(false),
+            writable: self.writable,
         });
-        let restored: Vec<String> = registry
-            .read()
-            .await
-            .nodes()
-            .map(|n| n.name.clone())
-            .collect();
-        state.detach_restored(restored);
-        registry.synced().await;
+        if self.writable {
+            let restored: Vec<String> = registry
+                .read()
+                .await
+                .nodes()
+                .map(|n| n.name.clone())
+                .collect();
+            state.detach_restored(restored);
+            registry.synced().await;
+        }
 
         let service = pb::registry_server::RegistryServer::new(RegistryService(Arc::clone(&state)));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
@@ -135,6 +159,8 @@ struct State {
     /// Set when the server shuts down: session streams end, grace timers are
     /// dropped (a successor restores the nodes and starts its own).
     shutdown: watch::Sender<bool>,
+    /// Whether writes are served ([`Standalone::bind_read_only`]).
+    writable: bool,
 }
 
 impl std::fmt::Debug for State {
@@ -268,6 +294,19 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await.map(|_| ());
 }
 
+impl State {
+    /// Refuses a write when another source owns the records.
+    fn writable(&self) -> Result<(), Status> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition(
+                "this apiserver's records come from its Kubernetes source; its API is read-only",
+            ))
+        }
+    }
+}
+
 fn new_session_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
@@ -288,6 +327,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<SessionStream>, Status> {
+        self.0.writable()?;
         let node = request.into_inner().node_name;
         api::names::validate_dns_subdomain(&node)
             .map_err(|reason| invalid(FieldError::new("node_name", reason)))?;
@@ -336,6 +376,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        self.0.writable()?;
         let req = request.into_inner();
         let owner = Owner::Session {
             node: self.0.session_node(&req.session_id)?,
@@ -353,6 +394,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::UpsertEndpointRequest>,
     ) -> Result<Response<pb::UpsertEndpointResponse>, Status> {
+        self.0.writable()?;
         let req = request.into_inner();
         let node = self.0.session_node(&req.session_id)?;
         let spec = convert::endpoint(&node, req.endpoint).map_err(invalid)?;
@@ -375,6 +417,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::DeleteEndpointRequest>,
     ) -> Result<Response<pb::DeleteEndpointResponse>, Status> {
+        self.0.writable()?;
         let req = request.into_inner();
         let owner = Owner::Session {
             node: self.0.session_node(&req.session_id)?,
@@ -392,6 +435,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::UpsertServiceRequest>,
     ) -> Result<Response<pb::UpsertServiceResponse>, Status> {
+        self.0.writable()?;
         let spec = convert::service(request.into_inner().service).map_err(invalid)?;
         self.0
             .registry
@@ -405,6 +449,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::DeleteServiceRequest>,
     ) -> Result<Response<pb::DeleteServiceResponse>, Status> {
+        self.0.writable()?;
         let req = request.into_inner();
         let existed = self
             .0

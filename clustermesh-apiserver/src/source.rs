@@ -6,8 +6,8 @@
 //! * **standalone** ([`crate::server::Standalone`], built): node agents open a
 //!   session and register their node and endpoints over the gRPC API;
 //!   `meshctl` declares services;
-//! * **kubernetes** (not built yet; `--source kubernetes` is refused): kube-rs
-//!   reflectors on Nodes, Pods (or EndpointSlices), Services and Namespaces.
+//! * **kubernetes** ([`crate::kubernetes::KubernetesSource`]): kube-rs
+//!   watchers on Nodes, Namespaces, Pods, Services and EndpointSlices.
 //!
 //! A source only *declares*. It turns its input into the typed records of
 //! [`crate::model`] and calls the write methods of a [`Registry`]; the registry
@@ -45,7 +45,7 @@
 //!   only; the registry refuses bad values with
 //!   [`RegistryError::Invalid`](crate::registry::RegistryError::Invalid),
 //!   naming the field, the same for every source. The standalone source
-//!   answers it as gRPC `InvalidArgument`; the Kubernetes source will log it
+//!   answers it as gRPC `InvalidArgument`; the Kubernetes source logs it
 //!   and skip the object, as Cilium does with objects it cannot convert.
 //! * **Shutdown.** [`LocalSource::run`] returns soon after `shutdown`
 //!   completes, without deleting anything: the registry is persisted and a

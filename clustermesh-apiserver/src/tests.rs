@@ -102,6 +102,7 @@ fn service() -> ServiceSpec {
         global: true,
         shared: true,
         affinity: mesh_proto::model::Affinity::None,
+        backends: None,
     }
 }
 

@@ -234,6 +234,7 @@ impl ServiceRequest {
             global: self.global,
             shared: self.shared,
             affinity: self.affinity,
+            backends: None,
         }
     }
 

@@ -123,7 +123,10 @@ pub async fn run(
         .as_ref()
         .map(|wg| wg.public_key().to_base64())
         .unwrap_or_default();
-    let registry = config.apiserver.clone().map(|url| {
+    // With the Kubernetes source the apiserver reads the node and its pods
+    // from the Kubernetes API: nothing is registered.
+    let registers = config.source == crate::config::Source::Standalone;
+    let registry = config.apiserver.clone().filter(|_| registers).map(|url| {
         let node = mesh_proto::v1::Node {
             name: config.node_name.clone(),
             internal_ips: vec![config.node_ip.to_string()],

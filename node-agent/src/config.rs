@@ -61,6 +61,16 @@ pub struct Flags {
     /// IPv4 pod CIDR of this node, e.g. 10.1.1.0/24; the CNI IPAM allocates from it.
     #[arg(long, env = "MESH_POD_CIDR")]
     pub pod_cidr: Option<String>,
+    /// Where this cluster's nodes and endpoints come from: `standalone` (the
+    /// agent registers its node and pods with the apiserver) or `kubernetes`
+    /// (the apiserver reads them from the Kubernetes API; without
+    /// --pod-cidr the agent reads its pod CIDR from its Node object).
+    #[arg(long, env = "MESH_SOURCE", default_value = "standalone")]
+    pub source: String,
+    /// With --source kubernetes: the kubeconfig file to use instead of the
+    /// pod's in-cluster service account.
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<String>,
     /// gRPC address of the local clustermesh-apiserver, e.g. http://192.168.1.10:9090.
     /// Without it the node and its endpoints are not published.
     #[arg(long, env = "MESH_APISERVER")]
@@ -123,6 +133,19 @@ pub struct Flags {
 
 pub use api::{Encryption, Routing};
 
+/// Where this cluster's nodes and endpoints come from (`--source`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The agent registers its node and pods with the apiserver.
+    Standalone,
+    /// The apiserver reads nodes and pods from the Kubernetes API; the agent
+    /// registers nothing.
+    Kubernetes {
+        /// `None`: the in-cluster service account.
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
 /// Where the local cluster's etcd is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EtcdSource {
@@ -147,7 +170,10 @@ pub struct Config {
     pub node_ip: Ipv4Addr,
     /// This node's pod CIDR.
     pub pod_cidr: Ipv4Net,
-    /// gRPC URL of the local apiserver, if the node is published.
+    /// Where nodes and endpoints come from.
+    pub source: Source,
+    /// gRPC URL of the local apiserver: the node and its pods are
+    /// registered there (standalone source) and its services read.
     pub apiserver: Option<String>,
     /// The local cluster's etcd.
     pub etcd: EtcdSource,
@@ -239,6 +265,27 @@ impl Config {
             }
             Ok(net)
         });
+        let source = match flags.source.as_str() {
+            "standalone" => {
+                if flags.kubeconfig.is_some() {
+                    errs.push(ConfigError::Conflict {
+                        flags: "--kubeconfig needs --source kubernetes",
+                    });
+                }
+                Source::Standalone
+            }
+            "kubernetes" => Source::Kubernetes {
+                kubeconfig: flags.kubeconfig.as_ref().map(PathBuf::from),
+            },
+            other => {
+                errs.push(ConfigError::Invalid {
+                    flag: "--source",
+                    value: other.to_owned(),
+                    reason: "not \"standalone\" or \"kubernetes\"".into(),
+                });
+                Source::Standalone
+            }
+        };
         let apiserver = flags.apiserver.as_deref().and_then(|v| {
             check(&mut errs, "--apiserver", Some(v), |v| {
                 validate_url(v).map(|()| v.to_owned())
@@ -415,6 +462,7 @@ impl Config {
                 node_name,
                 node_ip,
                 pod_cidr,
+                source,
                 apiserver,
                 etcd,
                 clustermesh_config,
@@ -580,6 +628,27 @@ mod tests {
         "--pod-cidr=10.1.1.0/24",
         "--etcd-endpoints=http://192.168.1.10:2379",
     ];
+
+    #[test]
+    fn the_source_and_its_kubeconfig() {
+        let with = |extra: &[&str]| Config::from_flags(&flags(&[GOOD, extra].concat()));
+        assert_eq!(with(&[]).unwrap().source, Source::Standalone);
+        assert_eq!(
+            with(&["--source=kubernetes", "--kubeconfig=/etc/kube/config"])
+                .unwrap()
+                .source,
+            Source::Kubernetes {
+                kubeconfig: Some("/etc/kube/config".into())
+            }
+        );
+        let errs = with(&["--source=k8s"]).unwrap_err().to_string();
+        assert!(errs.contains("--source: invalid value \"k8s\""), "{errs}");
+        let errs = with(&["--kubeconfig=/x"]).unwrap_err().to_string();
+        assert!(
+            errs.contains("--kubeconfig needs --source kubernetes"),
+            "{errs}"
+        );
+    }
 
     #[test]
     fn good_flags_give_a_config_with_defaults() {

@@ -25,6 +25,7 @@ pub mod clusters;
 pub mod cni;
 pub mod config;
 pub mod ipam;
+pub mod kubernetes;
 pub mod metrics;
 pub mod netlink;
 pub mod pod;

@@ -19,6 +19,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let mut flags = flags;
+    if let Err(e) = pod_cidr_from_node(&mut flags) {
+        eprintln!("node-agent: {e:#}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
     let config = match Config::from_flags(&flags) {
         Ok(c) => c,
         Err(errs) => {
@@ -26,12 +37,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     // setns is per thread: enter the node's namespace on the main thread
     // before the runtime exists, so every worker thread inherits it.
     if let Some(name) = &config.netns {
@@ -68,6 +73,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// With `--source kubernetes` and no `--pod-cidr`, reads the pod CIDR from
+/// this node's Node object, on a runtime of its own that ends before the
+/// agent enters its network namespace.
+fn pod_cidr_from_node(flags: &mut Flags) -> anyhow::Result<()> {
+    let (true, None, Some(node)) = (
+        flags.source == "kubernetes",
+        &flags.pod_cidr,
+        flags.node_name.clone(),
+    ) else {
+        return Ok(());
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let kubeconfig = flags.kubeconfig.as_ref().map(std::path::PathBuf::from);
+    let cidr = runtime.block_on(node_agent::kubernetes::node_pod_cidr(
+        kubeconfig.as_deref(),
+        &node,
+        std::time::Duration::from_secs(60),
+    ))?;
+    flags.pod_cidr = Some(cidr.to_string());
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -180,6 +180,7 @@ pub fn service(svc: Option<pb::Service>) -> Result<ServiceSpec> {
         global: svc.global,
         shared: svc.shared.unwrap_or(true),
         affinity,
+        backends: None,
     })
 }
 

@@ -141,7 +141,16 @@ pub struct ServiceSpec {
     pub global: bool,
     pub shared: bool,
     pub affinity: Affinity,
+    /// Backends the source states outright, by IP and service port name
+    /// (the Kubernetes source: the ready endpoints of the service's
+    /// EndpointSlices). `None`: the registry selects the registered
+    /// endpoints that match `selector` (standalone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<StatedBackends>,
 }
+
+/// Backends stated by a source: IP → service port name → where it listens.
+pub type StatedBackends = BTreeMap<IpAddr, BTreeMap<String, PortConfig>>;
 
 impl ServiceSpec {
     pub fn key(&self) -> ObjectKey {
@@ -149,9 +158,11 @@ impl ServiceSpec {
     }
 
     /// Whether an endpoint's labels satisfy the selector. An empty selector
-    /// selects nothing, as for a Kubernetes service without selector.
+    /// selects nothing, as for a Kubernetes service without selector, and
+    /// a service whose backends are stated selects nothing either.
     pub fn selects(&self, endpoint: &EndpointSpec) -> bool {
-        endpoint.namespace == self.namespace
+        self.backends.is_none()
+            && endpoint.namespace == self.namespace
             && !self.selector.is_empty()
             && self
                 .selector
@@ -161,7 +172,7 @@ impl ServiceSpec {
 }
 
 /// A port of one backend: protocol and the port it listens on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortConfig {
     pub protocol: Protocol,
     pub port: u16,

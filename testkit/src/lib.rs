@@ -1,7 +1,7 @@
 //! Test harness shared by the mesh's crates.
 //!
 //! Integration tests in this workspace run against real components (`docs/architecture.md`
-//! §9): a real etcd on a free loopback port, real netlink in a private
+//! §10): a real etcd on a free loopback port, real netlink in a private
 //! namespace. This crate holds the pieces every such test needs, so that each
 //! crate's tests read as scenarios rather than plumbing:
 //!
@@ -16,6 +16,10 @@
 //!   Tests never sleep for a fixed time to "let things settle".
 //! * [`TcpProxy`]: a loopback proxy a test can cut, to take one client
 //!   away from a server while others keep talking to it.
+//! * [`FakeApiServer`]: an in-test Kubernetes API server speaking the
+//!   list/watch protocol (resourceVersions, chunked watch streams,
+//!   bookmarks, `410 Gone`, dropped watches), since no real one can be
+//!   installed on the project's machines.
 //! * [`unique_name`]: names that do not collide between tests of one run or
 //!   with leftovers of a crashed run (network namespaces, keys, prefixes).
 //!
@@ -23,10 +27,12 @@
 //! panic too.
 
 mod etcd;
+pub mod kube_api;
 mod pki;
 mod proxy;
 
 pub use etcd::{EtcdOptions, EtcdServer};
+pub use kube_api::FakeApiServer;
 pub use pki::{TestPki, TlsFiles};
 pub use proxy::TcpProxy;
 
@@ -43,7 +49,9 @@ pub fn strict() -> bool {
     std::env::var(STRICT_ENV).is_ok_and(|v| v == "1")
 }
 
-fn skip_or_fail(what: &str) -> bool {
+/// A missing prerequisite (`what` says which): prints a skip message and
+/// returns `false`, or panics under `MESH_TEST_STRICT=1`.
+pub fn skip_or_fail(what: &str) -> bool {
     if strict() {
         panic!("{what}, and {STRICT_ENV}=1 forbids skipping this test");
     }

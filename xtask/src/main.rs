@@ -35,6 +35,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "tcpdump",
     "procps",
+    // deploy/check.sh, run by the test suite: a venv for kubernetes-validate
+    // (from PyPI) and shellcheck for the kind scripts.
+    "python3-venv",
+    "shellcheck",
 ];
 
 /// The fuzz targets of `fuzz/` (one per decoder of remote or outside input).

@@ -190,6 +190,15 @@ pub(super) fn service(svc: &ServiceSpec) -> Result {
             }
         }
     }
+    for (ip, ports) in svc.backends.iter().flatten() {
+        for (name, p) in ports {
+            let field = || format!("service.backends[{ip}][{name:?}]");
+            if !names.contains(name.as_str()) {
+                return Err(FieldError::new(field(), "names no port of the service"));
+            }
+            port(field, p.port)?;
+        }
+    }
     labels("service.selector", &svc.selector)?;
     labels("service.labels", &svc.labels)
 }
@@ -269,6 +278,7 @@ mod tests {
             global: true,
             shared: true,
             affinity: Affinity::None,
+            backends: None,
         };
         let err = service(&svc).unwrap_err();
         assert_eq!(err.field, "service.ports[0].target_port_name");

@@ -333,9 +333,16 @@ impl Table {
         })
     }
 
-    /// A service with its selected local backends.
+    /// A service with its local backends: those its source stated, else
+    /// the endpoints its selector selects.
     pub fn service_view(&self, key: &ObjectKey) -> Option<ServiceView<'_>> {
         let spec = self.services.get(key)?;
+        if let Some(stated) = &spec.backends {
+            return Some(ServiceView {
+                spec,
+                backends: stated.clone(),
+            });
+        }
         let mut backends = BTreeMap::new();
         let in_namespace = self
             .endpoints
@@ -510,6 +517,7 @@ mod tests {
             global: true,
             shared: true,
             affinity: Affinity::None,
+            backends: None,
         };
         r.upsert_service(svc);
         let key = ObjectKey::new("default", "web");

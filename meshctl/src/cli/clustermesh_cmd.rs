@@ -174,7 +174,10 @@ pub(super) fn clustermesh_command(cli: &Cli, cmd: &ClustermeshCommand) -> Result
                 external_admin(cluster, &pki, endpoints).enable()?;
                 println!("etcd of {cluster}: users and roles set up, authentication on");
                 // Configs for the cluster's own apiserver and agents.
-                for (user, sub) in [(auth::APISERVER_USER, "apiserver"), (auth::LOCAL_READER, "local")] {
+                for (user, sub) in [
+                    (auth::APISERVER_USER, "apiserver"),
+                    (auth::LOCAL_READER, "local"),
+                ] {
                     let client = pki.client(user);
                     let path = EtcdConfig {
                         endpoints: endpoints.clone(),

@@ -1,0 +1,154 @@
+//! The agent on a Kubernetes node (`--source kubernetes`): the apiserver
+//! reads nodes and pods from the Kubernetes API, so the agent registers
+//! nothing; without `--pod-cidr` it reads its pod CIDR from its own Node
+//! object (`spec.podCIDRs`, allocated by the controller manager), before
+//! the agent starts.
+
+use std::{path::Path, time::Duration};
+
+use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, Client};
+use tracing::info;
+
+/// Why the node's pod CIDR could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeCidrError {
+    #[error("read kubeconfig {path}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("in-cluster configuration (is the agent running in a pod with a service account?)")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("create the Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error("read Node {node:?}")]
+    Get {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("Node {node:?} has no IPv4 pod CIDR in spec.podCIDRs after {waited:?} (is the controller manager allocating node CIDRs?); pass --pod-cidr instead")]
+    NoCidr { node: String, waited: Duration },
+}
+
+/// The node's IPv4 pod CIDR from `spec.podCIDRs` (or the older
+/// `spec.podCIDR`); the agent's IPAM takes one IPv4 range.
+pub fn ipv4_pod_cidr(node: &Node) -> Option<Ipv4Net> {
+    let spec = node.spec.as_ref()?;
+    spec.pod_cidrs
+        .iter()
+        .flatten()
+        .chain(spec.pod_cidr.iter())
+        .filter_map(|c| c.parse::<IpNet>().ok())
+        .find_map(|c| match c {
+            IpNet::V4(net) => Some(net.trunc()),
+            IpNet::V6(_) => None,
+        })
+}
+
+async fn client(kubeconfig: Option<&Path>) -> Result<Client, NodeCidrError> {
+    let config = match kubeconfig {
+        None => kube::Config::incluster().map_err(NodeCidrError::InCluster)?,
+        Some(path) => {
+            let failed = |source| NodeCidrError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let file = kube::config::Kubeconfig::read_from(path).map_err(failed)?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(failed)?
+        }
+    };
+    Client::try_from(config).map_err(NodeCidrError::Client)
+}
+
+/// Reads node `name`'s IPv4 pod CIDR, waiting up to `wait` for the
+/// controller manager to allocate one to a node that registered just now.
+///
+/// # Errors
+///
+/// See [`NodeCidrError`]; a Node that does not exist is an error at once.
+pub async fn node_pod_cidr(
+    kubeconfig: Option<&Path>,
+    name: &str,
+    wait: Duration,
+) -> Result<Ipv4Net, NodeCidrError> {
+    let nodes: Api<Node> = Api::all(client(kubeconfig).await?);
+    let started = tokio::time::Instant::now();
+    loop {
+        let node = nodes.get(name).await.map_err(|source| NodeCidrError::Get {
+            node: name.to_owned(),
+            source,
+        })?;
+        if let Some(cidr) = ipv4_pod_cidr(&node) {
+            info!(node = name, %cidr, "pod CIDR read from the Node object");
+            return Ok(cidr);
+        }
+        if started.elapsed() >= wait {
+            return Err(NodeCidrError::NoCidr {
+                node: name.to_owned(),
+                waited: wait,
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(spec: serde_json::Value) -> Node {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}, "spec": spec}))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_first_ipv4_cidr_of_a_dual_stack_node() {
+        let dual = node(serde_json::json!({"podCIDR": "fd00:10:1:1::/64",
+            "podCIDRs": ["fd00:10:1:1::/64", "10.1.1.0/24"]}));
+        assert_eq!(ipv4_pod_cidr(&dual), Some("10.1.1.0/24".parse().unwrap()));
+        let old = node(serde_json::json!({"podCIDR": "10.1.2.0/24"}));
+        assert_eq!(ipv4_pod_cidr(&old), Some("10.1.2.0/24".parse().unwrap()));
+        let v6 = node(serde_json::json!({"podCIDRs": ["fd00:10:1:1::/64"]}));
+        assert_eq!(ipv4_pod_cidr(&v6), None);
+        assert_eq!(ipv4_pod_cidr(&node(serde_json::json!({}))), None);
+    }
+
+    #[tokio::test]
+    async fn read_from_the_api_and_waited_for() {
+        let api = testkit::FakeApiServer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        let missing = node_pod_cidr(Some(&kubeconfig), "worker-1", Duration::ZERO).await;
+        assert!(
+            matches!(missing, Err(NodeCidrError::Get { .. })),
+            "{missing:?}"
+        );
+        api.apply(
+            serde_json::json!({"kind": "Node", "metadata": {"name": "worker-1"}, "spec": {}}),
+        );
+        let none = node_pod_cidr(Some(&kubeconfig), "worker-1", Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(none.to_string().contains("no IPv4 pod CIDR"), "{none}");
+        // Allocated while the agent waits.
+        let allocate = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            api.apply(
+                serde_json::json!({"kind": "Node", "metadata": {"name": "worker-1"},
+                "spec": {"podCIDRs": ["10.1.1.0/24", "fd00:10:1:1::/64"]}}),
+            );
+        };
+        let (cidr, ()) = tokio::join!(
+            node_pod_cidr(Some(&kubeconfig), "worker-1", Duration::from_secs(10)),
+            allocate
+        );
+        assert_eq!(cidr.unwrap(), "10.1.1.0/24".parse::<Ipv4Net>().unwrap());
+    }
+}
