@@ -376,10 +376,12 @@ async fn objects_become_records_and_a_relist_rewrites_nothing() {
         "a deleted service",
     )
     .await;
-    // Writes through the gRPC API are refused: Kubernetes owns the records.
-    assert!(value(&backend, "cilium/state/nodes/v1/c1/worker-1")
-        .await
-        .is_some());
+    assert!(
+        value(&backend, "cilium/state/nodes/v1/c1/worker-1")
+            .await
+            .is_some(),
+        "the node that was not deleted stays"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
