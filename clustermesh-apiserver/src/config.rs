@@ -436,7 +436,7 @@ mod tests {
             "--max-connected-clusters=256",
             "--etcd-endpoints=127.0.0.1:2379",
             "--grpc-listen=nowhere",
-            "--source=kubernetes",
+            "--source=k8s",
             "--session-grace=30",
         ])
         .unwrap_err();
@@ -458,10 +458,7 @@ mod tests {
             text.contains("--cluster-id \"300\": must be in 1..=255"),
             "{text}"
         );
-        assert!(
-            text.contains("--source \"kubernetes\": the kubernetes source is not built yet"),
-            "{text}"
-        );
+        assert!(text.contains("--source \"k8s\": unknown source"), "{text}");
     }
 
     #[test]
@@ -476,7 +473,63 @@ mod tests {
         assert_eq!(err.0.len(), 1);
         assert_eq!(
             err.to_string(),
-            "invalid configuration:\n  --source \"agents\": unknown source; \"standalone\" is the only one built (\"kubernetes\" is planned)"
+            "invalid configuration:\n  --source \"agents\": unknown source; use \"standalone\" or \"kubernetes\""
+        );
+    }
+
+    #[test]
+    fn the_kubernetes_source_and_its_lease() {
+        let base = [
+            "--cluster-name=c1",
+            "--cluster-id=1",
+            "--etcd-endpoints=http://127.0.0.1:2379",
+        ];
+        let with = |extra: &[&str]| args(&[&base[..], extra].concat());
+        let config = with(&[
+            "--source=kubernetes",
+            "--kubeconfig=/etc/kube/config",
+            "--leader-elect",
+            "--leader-election-identity=pod-a",
+        ])
+        .unwrap();
+        let Source::Kubernetes {
+            api,
+            leader_election: Some(lease),
+        } = config.source
+        else {
+            panic!(
+                "not the kubernetes source with a lease: {:?}",
+                config.source
+            );
+        };
+        assert_eq!(api, ApiConfig::Kubeconfig("/etc/kube/config".into()));
+        assert_eq!(
+            (
+                lease.namespace.as_str(),
+                lease.name.as_str(),
+                lease.identity.as_str()
+            ),
+            ("mesh-system", "clustermesh-apiserver", "pod-a")
+        );
+        assert_eq!(
+            with(&["--source=kubernetes"]).unwrap().source,
+            Source::Kubernetes {
+                api: ApiConfig::InCluster,
+                leader_election: None
+            }
+        );
+        let err = with(&["--leader-elect"]).unwrap_err().to_string();
+        assert!(err.contains("need --source kubernetes"), "{err}");
+        let err = with(&[
+            "--source=kubernetes",
+            "--leader-elect",
+            "--leader-election-namespace=Not_A_Label",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--leader-election-namespace \"Not_A_Label\""),
+            "{err}"
         );
     }
 

@@ -168,19 +168,50 @@ fn backend_ips(service: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A real etcd, a client of it, and the in-test API server with a
+/// kubeconfig for it; `None` when etcd is missing (and skipping is allowed).
+struct World {
+    etcd: testkit::EtcdServer,
+    backend: kvstore::EtcdBackend,
+    api: FakeApiServer,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl World {
+    async fn start() -> Option<Self> {
+        if !testkit::require_binary("etcd") {
+            return None;
+        }
+        let etcd = testkit::EtcdServer::start().await;
+        let backend = kvstore::connect(
+            &kvstore::EtcdConfig::from_endpoints([etcd.endpoint()], &kvstore::TlsPaths::default())
+                .expect("the test etcd's endpoint is valid"),
+        )
+        .await
+        .expect("connect to the test etcd");
+        let api = FakeApiServer::start().await;
+        let kubeconfig = etcd.dir().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        Some(Self {
+            etcd,
+            backend,
+            api,
+            kubeconfig,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_become_records_and_a_relist_rewrites_nothing() {
-    if !testkit::require_binary("etcd") {
+    let Some(World {
+        etcd,
+        backend,
+        api,
+        kubeconfig,
+    }) = World::start().await
+    else {
         return;
-    }
-    let etcd = testkit::EtcdServer::start().await;
-    let backend = kvstore::connect(
-        &kvstore::EtcdConfig::from_endpoints([etcd.endpoint()], &kvstore::TlsPaths::default())
-            .unwrap(),
-    )
-    .await
-    .expect("connect to the test etcd");
-    let api = FakeApiServer::start().await;
+    };
     api.apply(namespace(
         "shop",
         json!({"kubernetes.io/metadata.name": "shop", "team": "a"}),
@@ -199,8 +230,6 @@ async fn objects_become_records_and_a_relist_rewrites_nothing() {
     ));
     api.apply(slice(&[("10.1.1.5", true), ("10.1.2.5", false)]));
     api.apply(service("internal", "10.96.0.11", json!({})));
-    let kubeconfig = etcd.dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
     let _apiserver = start_apiserver(&etcd, &kubeconfig, &[]);
 
     // Nodes, endpoints (ready or not: both are pods), identity, the global
@@ -386,23 +415,19 @@ async fn objects_become_records_and_a_relist_rewrites_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_apiserver_rewrites_nothing_and_sweeps_what_went_meanwhile() {
-    if !testkit::require_binary("etcd") {
+    let Some(World {
+        etcd,
+        backend,
+        api,
+        kubeconfig,
+    }) = World::start().await
+    else {
         return;
-    }
-    let etcd = testkit::EtcdServer::start().await;
-    let backend = kvstore::connect(
-        &kvstore::EtcdConfig::from_endpoints([etcd.endpoint()], &kvstore::TlsPaths::default())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let api = FakeApiServer::start().await;
+    };
     api.apply(namespace("shop", json!({})));
     api.apply(node("worker-1", "10.1.1.0/24", "192.168.1.11"));
     api.apply(pod("web-1", "worker-1", "10.1.1.5", "web"));
     api.apply(pod("web-2", "worker-1", "10.1.1.7", "web"));
-    let kubeconfig = etcd.dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
     let first = start_apiserver(&etcd, &kubeconfig, &[]);
     wait_value(
         &backend,
@@ -444,22 +469,18 @@ async fn restarted_apiserver_rewrites_nothing_and_sweeps_what_went_meanwhile() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_among_replicas_and_a_successor_when_it_dies() {
-    if !testkit::require_binary("etcd") {
+    let Some(World {
+        etcd,
+        backend,
+        api,
+        kubeconfig,
+    }) = World::start().await
+    else {
         return;
-    }
-    let etcd = testkit::EtcdServer::start().await;
-    let backend = kvstore::connect(
-        &kvstore::EtcdConfig::from_endpoints([etcd.endpoint()], &kvstore::TlsPaths::default())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let api = FakeApiServer::start().await;
+    };
     api.apply(namespace("shop", json!({})));
     api.apply(node("worker-1", "10.1.1.0/24", "192.168.1.11"));
     api.apply(pod("web-1", "worker-1", "10.1.1.5", "web"));
-    let kubeconfig = etcd.dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
     let elect = |id: &str| {
         vec![
             "--leader-elect".to_owned(),
