@@ -275,10 +275,7 @@ impl TryFrom<Args> for Config {
                 Some(Source::Standalone)
             }
             "kubernetes" => Some(Source::Kubernetes {
-                api: args
-                    .kubeconfig
-                    .clone()
-                    .map_or(ApiConfig::InCluster, ApiConfig::Kubeconfig),
+                api: ApiConfig::from_flag(args.kubeconfig.clone()),
                 leader_election: args
                     .leader_elect
                     .then(|| lease_config(&args, &mut bad))

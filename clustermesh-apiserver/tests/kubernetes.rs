@@ -139,19 +139,10 @@ async fn wait_value(
     what: &str,
     want: impl Fn(&Value) -> bool,
 ) -> Value {
-    let mut last = None;
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        last = value(backend, key).await.or(last);
-        if last.as_ref().is_some_and(&want) {
-            return last.unwrap();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {DEADLINE:?} waiting for {what} at {key}; last value: {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    testkit::wait_for(DEADLINE, &format!("{what} at {key}"), || async {
+        value(backend, key).await.filter(&want)
+    })
+    .await
 }
 
 async fn wait_gone(backend: &kvstore::EtcdBackend, key: &str, what: &str) {
@@ -166,6 +157,13 @@ fn backend_ips(service: &Value) -> Vec<String> {
         .as_object()
         .map(|b| b.keys().cloned().collect())
         .unwrap_or_default()
+}
+
+/// Namespace `shop`, node `worker-1` and its pod `web-1` (10.1.1.5).
+fn one_pod(api: &FakeApiServer) {
+    api.apply(namespace("shop", json!({})));
+    api.apply(node("worker-1", "10.1.1.0/24", "192.168.1.11"));
+    api.apply(pod("web-1", "worker-1", "10.1.1.5", "web"));
 }
 
 /// A real etcd, a client of it, and the in-test API server with a
@@ -362,6 +360,33 @@ async fn objects_become_records_and_a_relist_rewrites_nothing() {
         );
     }
 
+    // A namespace's labels are its pods' identity labels: changing them
+    // gives the pods a new identity.
+    api.apply(namespace(
+        "shop",
+        json!({"kubernetes.io/metadata.name": "shop", "team": "b"}),
+    ));
+    let moved = wait_value(
+        &backend,
+        "cilium/state/ip/v1/default/10.1.1.5",
+        "web-1's new identity",
+        |v| v["ID"].as_u64() != Some(identity),
+    )
+    .await;
+    let labels = wait_value(
+        &backend,
+        &format!("cilium/state/identities/v1/id/{}", moved["ID"]),
+        "the new identity",
+        |_| true,
+    )
+    .await;
+    assert!(
+        labels
+            .as_str()
+            .is_some_and(|l| l.contains("k8s:io.cilium.k8s.namespace.labels.team=b;")),
+        "{labels}"
+    );
+
     // A dropped watch resumes where it was; a readiness change is seen.
     api.drop_watches();
     api.apply(slice(&[
@@ -424,9 +449,7 @@ async fn restarted_apiserver_rewrites_nothing_and_sweeps_what_went_meanwhile() {
     else {
         return;
     };
-    api.apply(namespace("shop", json!({})));
-    api.apply(node("worker-1", "10.1.1.0/24", "192.168.1.11"));
-    api.apply(pod("web-1", "worker-1", "10.1.1.5", "web"));
+    one_pod(&api);
     api.apply(pod("web-2", "worker-1", "10.1.1.7", "web"));
     let first = start_apiserver(&etcd, &kubeconfig, &[]);
     wait_value(
@@ -478,9 +501,7 @@ async fn one_leader_among_replicas_and_a_successor_when_it_dies() {
     else {
         return;
     };
-    api.apply(namespace("shop", json!({})));
-    api.apply(node("worker-1", "10.1.1.0/24", "192.168.1.11"));
-    api.apply(pod("web-1", "worker-1", "10.1.1.5", "web"));
+    one_pod(&api);
     let elect = |id: &str| {
         vec![
             "--leader-elect".to_owned(),

@@ -8,22 +8,14 @@ use std::{path::Path, time::Duration};
 
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::Node;
-use kube::{Api, Client};
+use kube::Api;
 use tracing::info;
 
 /// Why the node's pod CIDR could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeCidrError {
-    #[error("read kubeconfig {path}")]
-    Kubeconfig {
-        path: String,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error("in-cluster configuration (is the agent running in a pod with a service account?)")]
-    InCluster(#[source] kube::config::InClusterError),
-    #[error("create the Kubernetes client")]
-    Client(#[source] kube::Error),
+    #[error(transparent)]
+    Client(#[from] mesh_k8s::ClientError),
     #[error("read Node {node:?}")]
     Get {
         node: String,
@@ -49,23 +41,6 @@ pub fn ipv4_pod_cidr(node: &Node) -> Option<Ipv4Net> {
         })
 }
 
-async fn client(kubeconfig: Option<&Path>) -> Result<Client, NodeCidrError> {
-    let config = match kubeconfig {
-        None => kube::Config::incluster().map_err(NodeCidrError::InCluster)?,
-        Some(path) => {
-            let failed = |source| NodeCidrError::Kubeconfig {
-                path: path.display().to_string(),
-                source,
-            };
-            let file = kube::config::Kubeconfig::read_from(path).map_err(failed)?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .map_err(failed)?
-        }
-    };
-    Client::try_from(config).map_err(NodeCidrError::Client)
-}
-
 /// Reads node `name`'s IPv4 pod CIDR, waiting up to `wait` for the
 /// controller manager to allocate one to a node that registered just now.
 ///
@@ -77,7 +52,8 @@ pub async fn node_pod_cidr(
     name: &str,
     wait: Duration,
 ) -> Result<Ipv4Net, NodeCidrError> {
-    let nodes: Api<Node> = Api::all(client(kubeconfig).await?);
+    let api = mesh_k8s::ApiConfig::from_flag(kubeconfig.map(Path::to_owned));
+    let nodes: Api<Node> = Api::all(api.client().await?);
     let started = tokio::time::Instant::now();
     loop {
         let node = nodes.get(name).await.map_err(|source| NodeCidrError::Get {
@@ -137,9 +113,22 @@ mod tests {
             .await
             .unwrap_err();
         assert!(none.to_string().contains("no IPv4 pod CIDR"), "{none}");
-        // Allocated while the agent waits.
+        // Allocated while the agent waits: once it has read the Node
+        // without a CIDR at least once more.
+        let reads = || {
+            api.requests()
+                .iter()
+                .filter(|r| r.starts_with("GET /api/v1/nodes/worker-1"))
+                .count()
+        };
+        let before = reads();
         let allocate = async {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            testkit::wait_until(
+                Duration::from_secs(10),
+                "the agent to read the Node again",
+                || async { reads() > before },
+            )
+            .await;
             api.apply(
                 serde_json::json!({"kind": "Node", "metadata": {"name": "worker-1"},
                 "spec": {"podCIDRs": ["10.1.1.0/24", "fd00:10:1:1::/64"]}}),

@@ -36,7 +36,7 @@ pub mod convert;
 pub mod lease;
 mod state;
 
-use std::{fmt::Debug, future::Future, path::PathBuf, pin::pin};
+use std::{fmt::Debug, future::Future, pin::pin};
 
 use futures::{stream::BoxStream, StreamExt};
 use k8s_openapi::api::{
@@ -52,58 +52,8 @@ use tracing::warn;
 
 use crate::{registry::Registry, server::Standalone, source::LocalSource};
 
+pub use mesh_k8s::{ApiConfig, ClientError};
 pub use state::Kind;
-
-/// Where the Kubernetes API is: the in-cluster service account, or a
-/// kubeconfig file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ApiConfig {
-    InCluster,
-    Kubeconfig(PathBuf),
-}
-
-/// Why a Kubernetes client could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("read kubeconfig {path}")]
-    Kubeconfig {
-        path: PathBuf,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error("in-cluster configuration (is this running in a pod with a service account?)")]
-    InCluster(#[source] kube::config::InClusterError),
-    #[error("create the Kubernetes client")]
-    Client(#[source] kube::Error),
-}
-
-impl ApiConfig {
-    /// A client for this API.
-    ///
-    /// # Errors
-    ///
-    /// See [`ClientError`].
-    pub async fn client(&self) -> Result<Client, ClientError> {
-        let config = match self {
-            ApiConfig::InCluster => kube::Config::incluster().map_err(ClientError::InCluster)?,
-            ApiConfig::Kubeconfig(path) => {
-                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
-                    ClientError::Kubeconfig {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                    .await
-                    .map_err(|source| ClientError::Kubeconfig {
-                        path: path.clone(),
-                        source,
-                    })?
-            }
-        };
-        Client::try_from(config).map_err(ClientError::Client)
-    }
-}
 
 /// The Kubernetes source, its client made and its read-only gRPC API bound.
 pub struct KubernetesSource {

@@ -174,7 +174,13 @@ impl Objects {
             Event::Namespace(e) => {
                 let keys = self.namespaces.event(e);
                 for key in keys {
-                    let pods = self.pod_keys(|k, _| k.namespace == key.name);
+                    let pods: Vec<ObjectKey> = self
+                        .pods
+                        .objects
+                        .range(ObjectKey::new(&key.name, "")..)
+                        .take_while(|(k, _)| k.namespace == key.name)
+                        .map(|(k, _)| k.clone())
+                        .collect();
                     self.endpoints(pods).await;
                 }
             }
@@ -193,15 +199,6 @@ impl Objects {
             }
         }
         self.open_gates().await;
-    }
-
-    fn pod_keys(&self, filter: impl Fn(&ObjectKey, &Pod) -> bool) -> Vec<ObjectKey> {
-        self.pods
-            .objects
-            .iter()
-            .filter(|(k, p)| filter(k, p))
-            .map(|(k, _)| k.clone())
-            .collect()
     }
 
     /// Opens the endpoint and service gates once what they depend on is
@@ -243,6 +240,9 @@ impl Objects {
 
     /// Brings the registry's node `name` in line with its object.
     async fn node(&mut self, name: &str) {
+        if !self.nodes.listed {
+            return;
+        }
         let key = ObjectKey::new("", name);
         let desired = match self.nodes.objects.get(&key).map(convert::node) {
             None => None,
@@ -252,7 +252,7 @@ impl Objects {
                 return;
             }
         };
-        if !self.nodes.listed || desired.as_ref() == self.applied_nodes.get(name) {
+        if desired.as_ref() == self.applied_nodes.get(name) {
             return;
         }
         match desired {
@@ -268,10 +268,16 @@ impl Objects {
                 debug!(node = name, "node applied");
                 self.applied_nodes.insert(name.to_owned(), spec);
                 // Endpoints refused while their node was unknown.
-                let waiting = self.pod_keys(|k, p| {
-                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name)
-                        && !self.applied_endpoints.contains_key(k)
-                });
+                let waiting: Vec<ObjectKey> = self
+                    .pods
+                    .objects
+                    .iter()
+                    .filter(|(k, p)| {
+                        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name)
+                            && !self.applied_endpoints.contains_key(*k)
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
                 self.endpoints(waiting).await;
             }
             None => {
