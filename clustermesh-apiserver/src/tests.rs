@@ -517,3 +517,73 @@ async fn a_refused_delete_leaves_the_record_registered_and_exported() {
     assert!(table.endpoint(&key).is_none());
     assert!(table.node("n1").is_none());
 }
+
+#[tokio::test]
+async fn the_read_only_api_serves_reads_and_refuses_every_write() {
+    use mesh_proto::v1::{self as pb, registry_client::RegistryClient};
+
+    let memory = MemoryBackend::new();
+    let backend: Arc<dyn kvstore::Backend> = Arc::new(memory.clone());
+    let registry = Registry::open(
+        backend,
+        Arc::new(memory),
+        &config(),
+        &SyncStoreConfig::default(),
+    )
+    .await
+    .unwrap();
+    registry
+        .upsert_node(&Owner::Source, node("n1", "10.1.1.0/24"))
+        .await
+        .unwrap();
+    let grpc = Standalone::bind_read_only("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = grpc.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(grpc.run(registry.clone(), async {
+        let _ = stopped.await;
+    }));
+    let mut client = testkit::wait_for(DEADLINE, "the read-only API to accept", || async move {
+        RegistryClient::connect(format!("http://{addr}")).await.ok()
+    })
+    .await;
+
+    let nodes = client.list_nodes(pb::ListNodesRequest {}).await.unwrap();
+    assert_eq!(nodes.into_inner().nodes.len(), 1, "reads are served");
+    let refused = [
+        client
+            .open_session(pb::OpenSessionRequest {
+                node_name: "n1".into(),
+            })
+            .await
+            .err(),
+        client
+            .upsert_service(pb::UpsertServiceRequest { service: None })
+            .await
+            .err(),
+        client
+            .delete_service(pb::DeleteServiceRequest {
+                namespace: "default".into(),
+                name: "web".into(),
+            })
+            .await
+            .err(),
+    ];
+    for status in refused {
+        let status = status.expect("a write is refused");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status}");
+    }
+    assert!(!registry.is_synced(), "a read-only API does not say synced");
+    assert_eq!(
+        registry.read().await.nodes().count(),
+        1,
+        "restored nodes get no session timer"
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("the API to stop")
+        .unwrap()
+        .unwrap();
+}
