@@ -419,9 +419,12 @@ impl PodManager {
             .await?
             .ok_or_else(|| PodError::Check(format!("{} is missing in the pod", req.ifname)))?;
         if link.mtu != Some(att.mtu) {
+            let found = link
+                .mtu
+                .map_or_else(|| "no MTU".to_owned(), |m| format!("MTU {m}"));
             return Err(PodError::Check(format!(
-                "{} has MTU {:?}, expected {}",
-                req.ifname, link.mtu, att.mtu
+                "{} has {found}, expected MTU {}",
+                req.ifname, att.mtu
             )));
         }
         if !pod.addresses(link.index).await?.contains(&(ip, 32)) {

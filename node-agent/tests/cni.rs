@@ -161,7 +161,7 @@ async fn cni_add_check_del_version_round_trip() {
     assert!(out.status.success());
     assert_eq!(
         json(&out)["supportedVersions"],
-        serde_json::json!(["1.0.0"])
+        serde_json::json!(["0.3.1", "0.4.0", "1.0.0"])
     );
 
     // ADD.

@@ -35,6 +35,26 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<String, CniErr
         return Ok(to_json(&VersionResult::default()));
     }
     let conf = NetConf::parse(stdin)?;
+    // Results and errors from here on speak the configuration's version.
+    let version = conf.cni_version.clone();
+    invoke(cni, &conf).map_err(|mut e| {
+        e.cni_version.clone_from(&version);
+        e
+    })
+}
+
+/// ADD, DEL or CHECK, once the environment and configuration are read.
+fn invoke(cni: CniEnv, conf: &NetConf) -> Result<String, CniError> {
+    if cni.command == Command::Check && !spec::has_check(&conf.cni_version) {
+        return Err(CniError::new(
+            ErrorCode::IncompatibleVersion,
+            "CHECK is not part of this CNI version",
+            format!(
+                "the configuration is version {}; CHECK came with 0.4.0",
+                conf.cni_version
+            ),
+        ));
+    }
     let mut labels = cni.args.labels.clone();
     labels.extend(conf.runtime_config.labels.clone());
     let command = match cni.command {
@@ -63,7 +83,7 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<String, CniErr
     };
     match call_agent(&conf.socket(), &request)? {
         AgentResponse::Ok { attachment } => match (command, attachment) {
-            (PodCommand::Add, Some(a)) => Ok(to_json(&a.to_result())),
+            (PodCommand::Add, Some(a)) => Ok(to_json(&a.to_result().in_version(&conf.cni_version))),
             (PodCommand::Add, None) => Err(CniError::new(
                 spec::CODE_AGENT_FAILURE,
                 "agent returned no attachment for ADD",
@@ -149,7 +169,28 @@ mod tests {
         let out = run(&env(&[("CNI_COMMAND", "VERSION")]), b"").unwrap();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0");
-        assert_eq!(v["supportedVersions"], serde_json::json!(["1.0.0"]));
+        assert_eq!(
+            v["supportedVersions"],
+            serde_json::json!(["0.3.1", "0.4.0", "1.0.0"])
+        );
+    }
+
+    #[test]
+    fn errors_speak_the_configuration_version_and_check_needs_0_4_0() {
+        let check = env(&[
+            ("CNI_COMMAND", "CHECK"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+        ]);
+        let conf = br#"{"cniVersion":"0.3.1","name":"mesh","type":"mesh-cni","agentSocket":"/nonexistent/a.sock"}"#;
+        let err = run(&check, conf).unwrap_err();
+        assert_eq!(err.code, ErrorCode::IncompatibleVersion, "{err}");
+        assert_eq!(err.cni_version, "0.3.1");
+        let conf = br#"{"cniVersion":"0.4.0","name":"mesh","type":"mesh-cni","agentSocket":"/nonexistent/a.sock"}"#;
+        let err = run(&check, conf).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TryAgainLater, "{err}");
+        assert_eq!(err.cni_version, "0.4.0", "an error in the config's version");
     }
 
     #[test]

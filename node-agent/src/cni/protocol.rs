@@ -77,7 +77,8 @@ pub struct PodAttachment {
 }
 
 impl PodAttachment {
-    /// The CNI 1.0.0 result for this attachment.
+    /// The CNI 1.0.0 result for this attachment (see
+    /// [`CniResult::in_version`] for older versions).
     pub fn to_result(&self) -> CniResult {
         CniResult {
             cni_version: spec::CNI_VERSION.into(),
@@ -96,6 +97,7 @@ impl PodAttachment {
                 },
             ],
             ips: vec![IpConfig {
+                version: None,
                 address: self.address,
                 gateway: Some(self.gateway),
                 interface: 1,

@@ -1,4 +1,5 @@
-//! The parts of the CNI specification 1.0.0 the plugin speaks: the
+//! The parts of the CNI specification the plugin speaks (versions 0.3.1,
+//! 0.4.0 and 1.0.0, as container runtimes still write all three): the
 //! `CNI_*` environment, `CNI_ARGS`, the network configuration on stdin, the
 //! result and the error document.
 //!
@@ -14,10 +15,18 @@ use std::{
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-/// The spec version of our results.
+/// The newest spec version we speak: of VERSION's answer and of errors
+/// before the configuration is read.
 pub const CNI_VERSION: &str = "1.0.0";
-/// Versions whose configuration we accept (their result format is 1.0.0's).
-pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0"];
+/// Versions whose configuration we accept; results and errors are written in
+/// the configuration's version ([`CniResult::in_version`]).
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.1", "0.4.0", "1.0.0"];
+
+/// Whether `version` (one of [`SUPPORTED_VERSIONS`]) has `CHECK`, which
+/// came with 0.4.0.
+pub fn has_check(version: &str) -> bool {
+    version != "0.3.1"
+}
 
 /// Well-known error codes of the spec (section "Error").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,8 +378,9 @@ impl NetConf {
                 ErrorCode::IncompatibleVersion,
                 "incompatible CNI version",
                 format!(
-                    "config is {:?}, plugin supports {:?}",
-                    conf.cni_version, SUPPORTED_VERSIONS
+                    "the configuration is version {:?}; mesh-cni speaks {}",
+                    conf.cni_version,
+                    SUPPORTED_VERSIONS.join(", ")
                 ),
             ));
         }
@@ -445,6 +455,25 @@ pub struct CniResult {
     pub dns: serde_json::Map<String, serde_json::Value>,
 }
 
+impl CniResult {
+    /// This result as spec `version` (one of [`SUPPORTED_VERSIONS`]) writes
+    /// it: before 1.0.0 every IP names its family (`"version": "4"`) and
+    /// interfaces carry no MTU.
+    pub fn in_version(mut self, version: &str) -> Self {
+        self.cni_version = version.to_owned();
+        if version != "1.0.0" {
+            for ip in &mut self.ips {
+                // Pod addresses are IPv4 (the agent's IPAM is IPv4-only).
+                ip.version = Some("4".to_owned());
+            }
+            for interface in &mut self.interfaces {
+                interface.mtu = None;
+            }
+        }
+        self
+    }
+}
+
 /// An interface of a result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Interface {
@@ -463,6 +492,9 @@ pub struct Interface {
 /// An address of a result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpConfig {
+    /// `"4"` or `"6"` before 1.0.0, which dropped the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Address with prefix.
     pub address: Ipv4Net,
     /// Gateway.
@@ -563,6 +595,56 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidNetworkConfig);
         assert!(e.details.contains("name") && e.details.contains("agentSocket"));
+    }
+
+    #[test]
+    fn results_in_each_supported_version() {
+        for version in SUPPORTED_VERSIONS {
+            let conf = format!(r#"{{"cniVersion":"{version}","name":"mesh","type":"mesh-cni"}}"#);
+            assert_eq!(
+                NetConf::parse(conf.as_bytes()).unwrap().cni_version,
+                *version
+            );
+        }
+        let e = NetConf::parse(br#"{"cniVersion":"0.2.0","name":"m","type":"t"}"#).unwrap_err();
+        assert_eq!(
+            e.details,
+            "the configuration is version \"0.2.0\"; mesh-cni speaks 0.3.1, 0.4.0, 1.0.0"
+        );
+        let result = CniResult {
+            cni_version: CNI_VERSION.into(),
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                mac: "02:00:00:00:00:01".into(),
+                mtu: Some(1450),
+                sandbox: Some("/run/netns/p".into()),
+            }],
+            ips: vec![IpConfig {
+                version: None,
+                address: "10.1.1.2/32".parse().unwrap(),
+                gateway: Some("169.254.1.1".parse().unwrap()),
+                interface: 0,
+            }],
+            routes: vec![],
+            dns: serde_json::Map::new(),
+        };
+        let v1 = serde_json::to_value(result.clone().in_version("1.0.0")).unwrap();
+        assert_eq!(v1["cniVersion"], "1.0.0");
+        assert_eq!(
+            v1["ips"][0],
+            serde_json::json!({"address": "10.1.1.2/32", "gateway": "169.254.1.1", "interface": 0})
+        );
+        assert_eq!(v1["interfaces"][0]["mtu"], 1450);
+        for old in ["0.3.1", "0.4.0"] {
+            let v = serde_json::to_value(result.clone().in_version(old)).unwrap();
+            assert_eq!(v["cniVersion"], old);
+            assert_eq!(
+                v["ips"][0],
+                serde_json::json!({"version": "4", "address": "10.1.1.2/32", "gateway": "169.254.1.1", "interface": 0})
+            );
+            assert!(v["interfaces"][0].get("mtu").is_none(), "{v}");
+        }
+        assert!(!has_check("0.3.1") && has_check("0.4.0") && has_check("1.0.0"));
     }
 
     #[test]
