@@ -19,6 +19,7 @@ use std::{
     collections::BTreeMap,
     fs,
     net::{IpAddr, Ipv4Addr},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -30,7 +31,7 @@ use tracing::{info, warn};
 
 use crate::{
     cni::{
-        protocol::{AgentRequest, PodAttachment},
+        protocol::{netns_path, AgentRequest, PodAttachment},
         spec::{CniError, ErrorCode, CODE_AGENT_FAILURE},
     },
     ipam::{Ipam, IpamError, Owner},
@@ -212,21 +213,30 @@ impl PodManager {
     /// # Errors
     ///
     /// See [`PodError`].
-    pub async fn handle(&self, req: &AgentRequest) -> Result<Option<PodAttachment>, PodError> {
+    /// `netns` is the pod's namespace as the plugin opened it
+    /// ([`crate::cni::protocol`]); without it the request's path is used.
+    pub async fn handle(
+        &self,
+        req: &AgentRequest,
+        netns: Option<&OwnedFd>,
+    ) -> Result<Option<PodAttachment>, PodError> {
         use crate::cni::protocol::PodCommand;
         let mut inner = self.inner.lock().await;
+        let netns = netns_path(req, netns);
         match req.command {
-            PodCommand::Add => self.add(&mut inner, req).await.map(Some),
+            PodCommand::Add => self.add(&mut inner, req, netns).await.map(Some),
             PodCommand::Del => self.del(&mut inner, req).await.map(|()| None),
-            PodCommand::Check => self.check(&inner, req).await.map(Some),
+            PodCommand::Check => self.check(&inner, req, netns).await.map(Some),
         }
     }
 
-    async fn add(&self, inner: &mut Inner, req: &AgentRequest) -> Result<PodAttachment, PodError> {
-        let netns = req
-            .netns
-            .clone()
-            .ok_or_else(|| PodError::NoNetns(PathBuf::new()))?;
+    async fn add(
+        &self,
+        inner: &mut Inner,
+        req: &AgentRequest,
+        netns: Option<PathBuf>,
+    ) -> Result<PodAttachment, PodError> {
+        let netns = netns.ok_or_else(|| PodError::NoNetns(PathBuf::new()))?;
         if !netns.exists() {
             return Err(PodError::NoNetns(netns));
         }
@@ -328,7 +338,9 @@ impl PodManager {
             address: Ipv4Net::new(ip, 32).unwrap_or_default(),
             gateway: GATEWAY,
             mtu: self.mtu,
-            netns: netns.to_owned(),
+            // The runtime's name for it: the descriptor is gone after this
+            // request.
+            netns: req.netns.clone().unwrap_or_else(|| netns.to_owned()),
             identity: Some(identity),
         };
         self.write_record(&EndpointRecord {
@@ -378,7 +390,12 @@ impl PodManager {
         Ok(())
     }
 
-    async fn check(&self, inner: &Inner, req: &AgentRequest) -> Result<PodAttachment, PodError> {
+    async fn check(
+        &self,
+        inner: &Inner,
+        req: &AgentRequest,
+        netns: Option<PathBuf>,
+    ) -> Result<PodAttachment, PodError> {
         let record = self
             .read_record(&req.container_id, &req.ifname)
             .ok_or_else(|| {
@@ -409,7 +426,7 @@ impl PodManager {
             }
             None => return Err(PodError::Check(format!("{ip} is not in the endpoints map"))),
         }
-        let netns = req.netns.clone().unwrap_or_else(|| att.netns.clone());
+        let netns = netns.unwrap_or_else(|| att.netns.clone());
         if !netns.exists() {
             return Err(PodError::NoNetns(netns));
         }

@@ -290,3 +290,87 @@ fn json_ifindex(link_json: &str) -> u32 {
     let v: serde_json::Value = serde_json::from_str(link_json).expect("ip -j output");
     v[0]["ifindex"].as_u64().expect("ifindex") as u32
 }
+
+/// A runtime in a mount namespace of its own (as containerd or podman on a
+/// node whose agent runs in a pod): `CNI_NETNS` names a path that holds the
+/// pod's namespace only in the runtime's mount namespace. In the agent's,
+/// the same path is an empty regular file, so the agent could not enter the
+/// namespace by path (`setns` would fail with EINVAL); it enters it through
+/// the descriptor the plugin passes. The configuration is CNI 0.4.0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runtime_in_another_mount_namespace_is_served_through_the_descriptor() {
+    if !testkit::require_root()
+        || !testkit::require_binary("ip")
+        || !testkit::require_binary("unshare")
+    {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.start_agent();
+    lab.wait_ready().await;
+    let pod = lab.pod_ns[0].clone();
+    let runtime_path = lab.path("runtime-netns");
+    std::fs::write(&runtime_path, b"").expect("the mount point");
+    let conf = format!(
+        r#"{{"cniVersion":"0.4.0","name":"mesh","type":"mesh-cni","agentSocket":"{}"}}"#,
+        lab.path("cni.sock").display()
+    );
+    // unshare: a private mount namespace where the pod's namespace is
+    // bind-mounted at runtime_path; then the plugin runs in it.
+    let in_runtime = |command: &str| {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$1" "$2" && exec "$3""#)
+            .arg("sh")
+            .arg(format!("/run/netns/{pod}"))
+            .arg(&runtime_path)
+            .arg(env!("CARGO_BIN_EXE_mesh-cni"));
+        common::cni_env(&mut cmd, command, "rt0", runtime_path.to_str(), "app=web");
+        common::feed(cmd, &conf)
+    };
+
+    let out = in_runtime("ADD");
+    assert!(
+        out.status.success(),
+        "ADD failed: {} / {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = json(&out);
+    assert_eq!(result["cniVersion"], "0.4.0");
+    assert_eq!(
+        result["ips"][0]["version"], "4",
+        "0.4.0 results name the family"
+    );
+    assert_eq!(
+        result["interfaces"][1]["sandbox"],
+        runtime_path.display().to_string(),
+        "the result names the namespace as the runtime does"
+    );
+    let ip0 = pod_ip(&result);
+    let addr = ip(&["-n", &pod, "-j", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains(&ip0.to_string()), "{addr}");
+    let here = std::fs::metadata(&runtime_path).expect("the path in the agent's view");
+    assert!(
+        here.is_file() && here.len() == 0,
+        "in the agent's mount namespace the runtime's path is no namespace"
+    );
+
+    let out = in_runtime("CHECK");
+    assert!(
+        out.status.success(),
+        "CHECK failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = in_runtime("DEL");
+    assert!(
+        out.status.success(),
+        "DEL failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let gone = Command::new("ip")
+        .args(["-n", &pod, "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "DEL left eth0 in the pod");
+}

@@ -8,14 +8,14 @@
 
 use std::{
     collections::HashMap,
-    io::{self, Read, Write},
-    os::unix::net::UnixStream,
+    io::{self, Read},
+    os::{fd::BorrowedFd, unix::net::UnixStream},
     path::Path,
     time::Duration,
 };
 
 use super::{
-    protocol::{AgentRequest, AgentResponse, PodCommand, MAX_MESSAGE},
+    protocol::{send_request, AgentRequest, AgentResponse, PodCommand, MAX_MESSAGE},
     spec::{self, CniEnv, CniError, Command, ErrorCode, NetConf, VersionResult},
 };
 
@@ -81,7 +81,15 @@ fn invoke(cni: CniEnv, conf: &NetConf) -> Result<String, CniError> {
         ifname: cni.ifname,
         labels,
     };
-    match call_agent(&conf.socket(), &request)? {
+    // The namespace goes to the agent as a descriptor (module docs of
+    // `protocol`); one that cannot be opened (a DEL after the namespace went)
+    // is named by its path only, and the agent says what it makes of that.
+    let netns = request
+        .netns
+        .as_deref()
+        .and_then(|p| std::fs::File::open(p).ok());
+    let netns_fd = netns.as_ref().map(std::os::fd::AsFd::as_fd);
+    match call_agent(&conf.socket(), &request, netns_fd)? {
         AgentResponse::Ok { attachment } => match (command, attachment) {
             (PodCommand::Add, Some(a)) => Ok(to_json(&a.to_result().in_version(&conf.cni_version))),
             (PodCommand::Add, None) => Err(CniError::new(
@@ -102,8 +110,12 @@ fn invoke(cni: CniEnv, conf: &NetConf) -> Result<String, CniError> {
 ///
 /// Code 11 (try again later) when the agent is not there or not answering
 /// (it may be starting), 5 on I/O failure mid-way, 6 on an unreadable answer.
-pub fn call_agent(socket: &Path, request: &AgentRequest) -> Result<AgentResponse, CniError> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| {
+pub fn call_agent(
+    socket: &Path,
+    request: &AgentRequest,
+    netns: Option<BorrowedFd<'_>>,
+) -> Result<AgentResponse, CniError> {
+    let stream = UnixStream::connect(socket).map_err(|e| {
         let code = match e.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ErrorCode::TryAgainLater,
             _ => ErrorCode::Io,
@@ -136,8 +148,7 @@ pub fn call_agent(socket: &Path, request: &AgentRequest) -> Result<AgentResponse
             e.to_string(),
         )
     })?;
-    stream
-        .write_all(&body)
+    send_request(&stream, &body, netns)
         .and_then(|()| stream.shutdown(std::net::Shutdown::Write))
         .map_err(|e| io_err("request", e))?;
     let mut answer = Vec::new();

@@ -4,13 +4,13 @@
 use std::{future::Future, path::Path, sync::Arc};
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{UnixListener, UnixStream},
 };
 use tracing::{debug, warn, Instrument};
 
 use super::{
-    protocol::{AgentRequest, AgentResponse, MAX_MESSAGE},
+    protocol::{read_request, AgentRequest, AgentResponse},
     spec::{CniError, ErrorCode},
 };
 use crate::{pod::PodManager, unix::bind_unix};
@@ -42,14 +42,13 @@ pub async fn serve(
 }
 
 async fn handle(mut stream: UnixStream, pods: Arc<PodManager>) {
-    let mut body = Vec::new();
-    let response = match (&mut stream).take(MAX_MESSAGE).read_to_end(&mut body).await {
+    let response = match read_request(&mut stream).await {
         Err(e) => AgentResponse::from(CniError::new(
             ErrorCode::Io,
             "reading the request",
             e.to_string(),
         )),
-        Ok(_) => match serde_json::from_slice::<AgentRequest>(&body) {
+        Ok((body, netns)) => match serde_json::from_slice::<AgentRequest>(&body) {
             Err(e) => AgentResponse::from(CniError::new(
                 ErrorCode::Decode,
                 "cannot decode the plugin request",
@@ -61,7 +60,7 @@ async fn handle(mut stream: UnixStream, pods: Arc<PodManager>) {
                     command = ?req.command,
                     container = %req.container_id,
                 );
-                match pods.handle(&req).instrument(span).await {
+                match pods.handle(&req, netns.as_ref()).instrument(span).await {
                     Ok(attachment) => AgentResponse::Ok { attachment },
                     Err(e) => {
                         warn!(error = %e, container = %req.container_id, "CNI request failed");

@@ -37,8 +37,23 @@ pub(crate) fn run_mesh_cni(
     labels: &str,
     conf: &str,
 ) -> Output {
+    let netns = netns.map(|ns| format!("/run/netns/{ns}"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh-cni"));
+    cni_env(&mut cmd, command, container, netns.as_deref(), labels);
+    feed(cmd, conf)
+}
+
+/// The CNI environment of one invocation, on `cmd` (`mesh-cni` itself or a
+/// wrapper that ends in it); `netns` is the `CNI_NETNS` path.
+pub(crate) fn cni_env(
+    cmd: &mut Command,
+    command: &str,
+    container: &str,
+    netns: Option<&str>,
+    labels: &str,
+) {
     cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container)
         .env("CNI_IFNAME", "eth0")
@@ -46,13 +61,17 @@ pub(crate) fn run_mesh_cni(
         .env(
             "CNI_ARGS",
             format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container};MESH_LABELS={labels}"),
-        )
-        .stdin(Stdio::piped())
+        );
+    if let Some(path) = netns {
+        cmd.env("CNI_NETNS", path);
+    }
+}
+
+/// Runs `cmd` with `conf` on stdin; its output.
+pub(crate) fn feed(mut cmd: Command, conf: &str) -> Output {
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(ns) = netns {
-        cmd.env("CNI_NETNS", format!("/run/netns/{ns}"));
-    }
     let mut child = cmd.spawn().expect("run mesh-cni");
     child
         .stdin
