@@ -39,6 +39,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // (from PyPI) and shellcheck for the kind scripts.
     "python3-venv",
     "shellcheck",
+    // multi-cluster-tests/tests/podman.rs: a real container runtime driving
+    // mesh-cni (podman's CNI backend, runc, a busybox rootfs).
+    "podman",
+    "runc",
+    "busybox-static",
 ];
 
 /// The fuzz targets of `fuzz/` (one per decoder of remote or outside input).
