@@ -88,6 +88,9 @@ done
 name_of() { echo "c$1"; }
 kind_name_of() { echo "mesh-c$1"; }
 cluster_ip_of() { echo "10.$((100 + $1)).0.79"; }
+# The apiserver's read-only gRPC API, for the node agents (pinned as well,
+# so mesh-config can name it before the first apply).
+grpc_ip_of() { echo "10.$((100 + $1)).0.80"; }
 
 # kubectl against cluster N.
 k() {
@@ -186,6 +189,11 @@ patches:
     version: v1
     kind: Service
     name: clustermesh-apiserver
+- path: grpc-service.yaml
+  target:
+    version: v1
+    kind: Service
+    name: clustermesh-apiserver-grpc
 - path: readers.yaml
   target:
     group: apps
@@ -202,6 +210,12 @@ metadata:
 data:
   cluster-name: $(name_of "$n")
   cluster-id: "$n"
+  apiserver-url: http://$(grpc_ip_of "$n"):9870
+EOF
+    cat >"$dir/grpc-service.yaml" <<EOF
+- op: add
+  path: /spec/clusterIP
+  value: $(grpc_ip_of "$n")
 EOF
     cat >"$dir/service.yaml" <<EOF
 - op: add
