@@ -214,7 +214,10 @@ async fn objects_become_records_and_a_relist_rewrites_nothing() {
         "shop",
         json!({"kubernetes.io/metadata.name": "shop", "team": "a"}),
     ));
-    api.apply(node("worker-1", "10.1.1.0/24", "192.168.1.11"));
+    let mut worker1 = node("worker-1", "10.1.1.0/24", "192.168.1.11");
+    worker1["metadata"]["annotations"] =
+        json!({"network.cilium.io/wg-pub-key": "6Jx1Zt8zKxBQ0sZbV5hQp8g2kXzGJwGm1Hk9bE3tV0o="});
+    api.apply(worker1);
     api.apply(node("worker-2", "10.1.2.0/24", "192.168.1.12"));
     api.apply(pod("web-1", "worker-1", "10.1.1.5", "web"));
     api.apply(pod("web-2", "worker-2", "10.1.2.5", "web"));
@@ -241,6 +244,10 @@ async fn objects_become_records_and_a_relist_rewrites_nothing() {
     .await;
     assert_eq!(n1["IPv4AllocCIDR"]["IP"], "10.1.1.0");
     assert_eq!(n1["IPAddresses"][0]["IP"], "192.168.1.11");
+    assert_eq!(
+        n1["WireguardPubKey"], "6Jx1Zt8zKxBQ0sZbV5hQp8g2kXzGJwGm1Hk9bE3tV0o=",
+        "the key the node's agent annotated"
+    );
     let ep = wait_value(
         &backend,
         "cilium/state/ip/v1/default/10.1.1.5",

@@ -18,6 +18,11 @@ use std::path::PathBuf;
 
 pub use kube::Client;
 
+/// The Node annotation holding the node's WireGuard public key (base64): the
+/// node's agent writes it, the apiserver's Kubernetes source exports it in
+/// the node record. Cilium's name.
+pub const WIREGUARD_KEY_ANNOTATION: &str = "network.cilium.io/wg-pub-key";
+
 /// Where the Kubernetes API is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiConfig {

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use api::agent::{AgentStatus, ClusterStatus};
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument as _};
 
 use crate::{
     clusters::{self, EtcdConnector, Mesh},
@@ -124,8 +124,25 @@ pub async fn run(
         .map(|wg| wg.public_key().to_base64())
         .unwrap_or_default();
     // With the Kubernetes source the apiserver reads the node and its pods
-    // from the Kubernetes API: nothing is registered.
+    // from the Kubernetes API: nothing is registered, and the WireGuard key
+    // travels as an annotation of this node's Node object.
     let registers = config.source == crate::config::Source::Standalone;
+    if let (crate::config::Source::Kubernetes { kubeconfig }, false) =
+        (&config.source, public_key.is_empty())
+    {
+        let api = mesh_k8s::ApiConfig::from_flag(kubeconfig.clone());
+        let (node, key) = (config.node_name.clone(), public_key.clone());
+        let stop = stopped();
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    () = crate::kubernetes::publish_wireguard_key(&api, &node, &key) => {}
+                    () = stop => {}
+                }
+            }
+            .in_current_span(),
+        );
+    }
     let registry = config.apiserver.clone().filter(|_| registers).map(|url| {
         let node = mesh_proto::v1::Node {
             name: config.node_name.clone(),

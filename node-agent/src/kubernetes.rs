@@ -74,6 +74,42 @@ pub async fn node_pod_cidr(
     }
 }
 
+pub use mesh_k8s::WIREGUARD_KEY_ANNOTATION;
+
+/// Annotates node `name` with its WireGuard public `key` (base64), retrying
+/// with backoff until the API server takes it: remote nodes encrypt to this
+/// node only once they know the key.
+pub async fn publish_wireguard_key(api: &mesh_k8s::ApiConfig, name: &str, key: &str) {
+    let patch = serde_json::json!({"metadata": {"annotations": {WIREGUARD_KEY_ANNOTATION: key}}});
+    let mut backoff =
+        kvstore::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let result = match api.client().await {
+            Err(e) => Err(kvstore::error_chain(&e)),
+            Ok(client) => Api::<Node>::all(client)
+                .patch(
+                    name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .map(drop)
+                .map_err(|e| kvstore::error_chain(&e)),
+        };
+        match result {
+            Ok(()) => {
+                info!(node = name, "WireGuard public key published on the Node");
+                return;
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(node = name, %error, retry_in = ?delay, "publishing the WireGuard key on the Node failed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +175,40 @@ mod tests {
             allocate
         );
         assert_eq!(cidr.unwrap(), "10.1.1.0/24".parse::<Ipv4Net>().unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_wireguard_key_is_annotated_on_the_node_once_it_exists() {
+        let api = testkit::FakeApiServer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        let config = mesh_k8s::ApiConfig::Kubeconfig(kubeconfig);
+        let key = "6Jx1Zt8zKxBQ0sZbV5hQp8g2kXzGJwGm1Hk9bE3tV0o=";
+        let node = || api.get("Node", "", "worker-1");
+        // The Node is registered while the agent retries.
+        let register = async {
+            testkit::wait_until(Duration::from_secs(10), "a refused patch", || async {
+                api.requests()
+                    .iter()
+                    .any(|r| r.starts_with("PATCH /api/v1/nodes/worker-1"))
+            })
+            .await;
+            api.apply(
+                serde_json::json!({"kind": "Node", "metadata": {"name": "worker-1",
+                "annotations": {"kept": "yes"}}}),
+            );
+        };
+        tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(publish_wireguard_key(&config, "worker-1", key), register)
+        })
+        .await
+        .expect("the key to be published");
+        let annotations = &node().expect("the node")["metadata"]["annotations"];
+        assert_eq!(annotations[WIREGUARD_KEY_ANNOTATION], key);
+        assert_eq!(
+            annotations["kept"], "yes",
+            "a merge patch keeps other annotations"
+        );
     }
 }

@@ -14,8 +14,9 @@
 //!   with an `ERROR` event carrying a `410 Gone` Status, as etcd compaction
 //!   makes the real server do ([`FakeApiServer::expire_history`]);
 //! * `GET`, `POST`, `PUT` (refused with `409 Conflict` when the body's
-//!   `metadata.resourceVersion` is not the stored one) and `DELETE` on
-//!   objects, `404` with a Status body for what does not exist;
+//!   `metadata.resourceVersion` is not the stored one), `PATCH` (JSON merge
+//!   patch) and `DELETE` on objects, `404` with a Status body for what does
+//!   not exist;
 //! * [`FakeApiServer::drop_watches`] ends every open watch stream, as a
 //!   dropped connection or an API server restart does.
 //!
@@ -438,6 +439,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Re
             }
         }
         (Method::POST, None) => write(shared, &target, &body, true),
+        (Method::PATCH, Some(name)) => patch(shared, &target, name, &body),
         (Method::PUT, Some(_)) => write(shared, &target, &body, false),
         (Method::DELETE, Some(name)) => {
             let mut store = shared.store.lock().unwrap();
@@ -562,6 +564,49 @@ fn write(shared: &Shared, target: &Target, body: &[u8], create: bool) -> Respons
         },
         &object,
     )
+}
+
+/// RFC 7386 JSON merge patch (`application/merge-patch+json`): objects
+/// merge key by key, `null` deletes, anything else replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn patch(shared: &Shared, target: &Target, name: &str, body: &[u8]) -> Response<Body> {
+    let patch: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let id = (target.resource, namespace.clone(), name.to_owned());
+    let mut store = shared.store.lock().unwrap();
+    let Some(mut object) = store.objects.get(&id).cloned() else {
+        return not_found(target, name);
+    };
+    merge(&mut object, &patch);
+    store.resource_version += 1;
+    object["metadata"]["resourceVersion"] = json!(store.resource_version.to_string());
+    store.objects.insert(id, object.clone());
+    record(
+        shared,
+        &mut store,
+        target.resource,
+        namespace,
+        "MODIFIED",
+        object.clone(),
+    );
+    full(StatusCode::OK, &object)
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {

@@ -43,6 +43,7 @@ pub const LEGACY_GLOBAL_ANNOTATION: &str = "io.cilium/global-service";
 pub const SHARED_ANNOTATION: &str = "service.cilium.io/shared";
 /// `local`, `remote` or `none`: which backends a global service prefers.
 pub const AFFINITY_ANNOTATION: &str = "service.cilium.io/affinity";
+pub use mesh_k8s::WIREGUARD_KEY_ANNOTATION;
 /// The label that ties an EndpointSlice to its service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -125,7 +126,8 @@ fn port(kind: &'static str, name: &str, field: String, value: i32) -> Result<u16
 }
 
 /// A Node: its InternalIP addresses, its pod CIDRs (`spec.podCIDRs`, or the
-/// older single `spec.podCIDR`) and its labels.
+/// older single `spec.podCIDR`), its labels and the WireGuard public key its
+/// agent annotated it with ([`WIREGUARD_KEY_ANNOTATION`]).
 ///
 /// # Errors
 ///
@@ -165,7 +167,14 @@ pub fn node(node: &Node) -> Result<NodeSpec, ConvertError> {
         internal_ips,
         cilium_internal_ips: Vec::new(),
         pod_cidrs,
-        wireguard_public_key: String::new(),
+        // The registry checks that it is a 32-byte key.
+        wireguard_public_key: node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(WIREGUARD_KEY_ANNOTATION))
+            .cloned()
+            .unwrap_or_default(),
         labels: node.metadata.labels.clone().unwrap_or_default(),
     })
 }

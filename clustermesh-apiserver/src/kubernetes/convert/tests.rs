@@ -22,7 +22,9 @@ fn a_dual_stack_node() {
     let n: Node = from(json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "worker-1", "uid": "5f1c", "resourceVersion": "812",
-                     "labels": {"kubernetes.io/hostname": "worker-1", "topology.kubernetes.io/zone": "a"}},
+                     "labels": {"kubernetes.io/hostname": "worker-1", "topology.kubernetes.io/zone": "a"},
+                     "annotations": {"network.cilium.io/wg-pub-key": "6Jx1Zt8zKxBQ0sZbV5hQp8g2kXzGJwGm1Hk9bE3tV0o=",
+                                     "node.alpha.kubernetes.io/ttl": "0"}},
         "spec": {"podCIDR": "10.1.1.0/24", "podCIDRs": ["10.1.1.0/24", "fd00:10:1:1::/64"],
                  "providerID": "kind://docker/c1/worker-1"},
         "status": {"addresses": [
@@ -48,6 +50,10 @@ fn a_dual_stack_node() {
         ]
     );
     assert_eq!(spec.labels["topology.kubernetes.io/zone"], "a");
+    assert_eq!(
+        spec.wireguard_public_key,
+        "6Jx1Zt8zKxBQ0sZbV5hQp8g2kXzGJwGm1Hk9bE3tV0o="
+    );
 }
 
 #[test]
