@@ -233,13 +233,9 @@ impl FakeApiServer {
         } else {
             "ADDED"
         };
-        store.resource_version += 1;
-        let rv = store.resource_version;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
         object["apiVersion"] = json!(resource.api_version);
-        store.objects.insert(id.clone(), object.clone());
-        self.record(&mut store, resource, id.1, kind, object);
-        rv
+        commit(&self.shared, &mut store, id, kind, object);
+        store.resource_version
     }
 
     /// Deletes an object; `false` when it did not exist.
@@ -247,12 +243,10 @@ impl FakeApiServer {
         let resource = resource_of_kind(kind);
         let mut store = self.shared.store.lock().unwrap();
         let id = (resource, namespace.to_owned(), name.to_owned());
-        let Some(mut object) = store.objects.remove(&id) else {
+        let Some(object) = store.objects.get(&id).cloned() else {
             return false;
         };
-        store.resource_version += 1;
-        object["metadata"]["resourceVersion"] = json!(store.resource_version.to_string());
-        self.record(&mut store, resource, id.1, "DELETED", object);
+        commit(&self.shared, &mut store, id, "DELETED", object);
         true
     }
 
@@ -266,17 +260,6 @@ impl FakeApiServer {
         self.shared.store.lock().unwrap().objects.get(&id).cloned()
     }
 
-    fn record(
-        &self,
-        store: &mut Store,
-        resource: Resource,
-        namespace: String,
-        kind: &'static str,
-        object: Value,
-    ) {
-        record(&self.shared, store, resource, namespace, kind, object);
-    }
-
     /// Forgets the history of changes (as etcd compaction does): every
     /// watch resuming from an older version gets `410 Gone` and must list
     /// again. Open watches are ended.
@@ -284,9 +267,8 @@ impl FakeApiServer {
         {
             let mut store = self.shared.store.lock().unwrap();
             store.history.clear();
-            store.oldest = store.resource_version;
-            // A resume from exactly the newest version would still be
-            // served; move past it so every watcher relists.
+            // Past the newest version: a resume from exactly that one would
+            // still be served, and every watcher must relist.
             store.resource_version += 1;
             store.oldest = store.resource_version;
         }
@@ -309,23 +291,34 @@ impl FakeApiServer {
     }
 }
 
-fn record(
+/// One change of `id`: a new resourceVersion stamped on `object`, which is
+/// stored (or, for `DELETED`, no longer is), kept in the history and sent to
+/// the open watches. Returns the object as stamped.
+fn commit(
     shared: &Shared,
     store: &mut Store,
-    resource: Resource,
-    namespace: String,
+    id: ObjectId,
     kind: &'static str,
-    object: Value,
-) {
+    mut object: Value,
+) -> Value {
+    store.resource_version += 1;
+    object["metadata"]["resourceVersion"] = json!(store.resource_version.to_string());
+    let (resource, namespace, _) = id.clone();
+    if kind == "DELETED" {
+        store.objects.remove(&id);
+    } else {
+        store.objects.insert(id, object.clone());
+    }
     let change = Change {
         resource_version: store.resource_version,
         resource,
         namespace,
         kind,
-        object,
+        object: object.clone(),
     };
     store.history.push(change.clone());
     let _ = shared.changes.send(change);
+    object
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -448,20 +441,10 @@ async fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Re
                 target.namespace.clone().unwrap_or_default(),
                 name.clone(),
             );
-            match store.objects.remove(&id) {
+            match store.objects.get(&id).cloned() {
                 None => not_found(&target, name),
-                Some(mut object) => {
-                    store.resource_version += 1;
-                    object["metadata"]["resourceVersion"] =
-                        json!(store.resource_version.to_string());
-                    record(
-                        shared,
-                        &mut store,
-                        target.resource,
-                        id.1,
-                        "DELETED",
-                        object.clone(),
-                    );
+                Some(object) => {
+                    let object = commit(shared, &mut store, id, "DELETED", object);
                     full(StatusCode::OK, &object)
                 }
             }
@@ -539,23 +522,13 @@ fn write(shared: &Shared, target: &Target, body: &[u8], create: bool) -> Respons
             );
         }
     }
-    store.resource_version += 1;
-    object["metadata"]["resourceVersion"] = json!(store.resource_version.to_string());
     if target.resource.namespaced {
         object["metadata"]["namespace"] = json!(namespace);
     }
     object["kind"] = json!(target.resource.kind);
     object["apiVersion"] = json!(target.resource.api_version);
     let kind = if create { "ADDED" } else { "MODIFIED" };
-    store.objects.insert(id, object.clone());
-    record(
-        shared,
-        &mut store,
-        target.resource,
-        namespace,
-        kind,
-        object.clone(),
-    );
+    let object = commit(shared, &mut store, id, kind, object);
     full(
         if create {
             StatusCode::CREATED
@@ -595,17 +568,7 @@ fn patch(shared: &Shared, target: &Target, name: &str, body: &[u8]) -> Response<
         return not_found(target, name);
     };
     merge(&mut object, &patch);
-    store.resource_version += 1;
-    object["metadata"]["resourceVersion"] = json!(store.resource_version.to_string());
-    store.objects.insert(id, object.clone());
-    record(
-        shared,
-        &mut store,
-        target.resource,
-        namespace,
-        "MODIFIED",
-        object.clone(),
-    );
+    let object = commit(shared, &mut store, id, "MODIFIED", object);
     full(StatusCode::OK, &object)
 }
 
